@@ -1,0 +1,415 @@
+"""ChatGLM3-6B as transformers' native ``GlmForCausalLM``: config mapping, weight conversion, loading.
+
+ChatGLM3's remote code no longer loads on transformers 5.x, but its architecture *is* ``GlmForCausalLM``
+once the fused QKV projection is split and the keys are renamed (DESIGN.md §2).  The conversion runs once,
+shard by shard, into a normal transformers directory, so nothing here ever needs ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, GlmConfig
+
+from .tokenizer import VOCAB_FILE, ChatGLM3Tokenizer, load_tokenizer
+
+MARKER = "glmlora_conversion.json"
+FORMAT_VERSION = 1
+NATIVE_SUFFIX = "-glmlora-native"
+
+
+class ConversionError(ValueError):
+    """A ChatGLM3 checkpoint that cannot be converted; the message names the file and field."""
+
+
+# ---- config ------------------------------------------------------------------------------------
+# Options of the original config with no native equivalent: (field, bad value test, why).
+_UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("pre_seq_len", lambda v: v not in (None, 0), "P-tuning v2 prefix encoder"),
+    ("quantization_bit", lambda v: v not in (None, 0), "weights quantised by the remote code"),
+    ("rmsnorm", lambda v: v is False, "LayerNorm instead of RMSNorm"),
+    ("add_bias_linear", lambda v: v is True, "biases on every linear layer"),
+    ("apply_residual_connection_post_layernorm", lambda v: v is True, "residual taken after the norm"),
+    ("post_layer_norm", lambda v: v is False, "no final norm"),
+    ("original_rope", lambda v: v is False, "a rotary variant the 6B code never used"),
+]
+_REQUIRED = ("hidden_size", "num_layers", "num_attention_heads", "padded_vocab_size", "ffn_hidden_size")
+
+
+def glm_config_from_chatglm(cfg: dict[str, Any], stop_ids: list[int], source: str = "config.json") -> GlmConfig:
+    """Map a ChatGLM3 ``config.json`` (model_type ``chatglm``) to ``GlmConfig`` (DESIGN.md §2.3)."""
+    if cfg.get("model_type") != "chatglm":
+        raise ConversionError(f"{source}: field 'model_type' is {cfg.get('model_type')!r}, expected 'chatglm'")
+    for field, bad, why in _UNSUPPORTED:
+        if field in cfg and bad(cfg[field]):
+            raise ConversionError(f"{source}: field '{field}' = {cfg[field]!r} ({why}) has no equivalent in "
+                                  f"transformers' GlmForCausalLM; use a checkpoint without it")
+    missing = [f for f in _REQUIRED if f not in cfg]
+    if missing:
+        raise ConversionError(f"{source}: missing field(s) {', '.join(missing)}")
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("multi_query_group_num", heads) if cfg.get("multi_query_attention") else heads
+    return GlmConfig(
+        vocab_size=cfg["padded_vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["ffn_hidden_size"],
+        num_hidden_layers=cfg["num_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=cfg.get("kv_channels", cfg["hidden_size"] // heads),
+        hidden_act="silu",
+        rms_norm_eps=cfg.get("layernorm_epsilon", 1e-5),
+        attention_bias=bool(cfg.get("add_qkv_bias", True)),
+        max_position_embeddings=cfg.get("seq_length", 8192),
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * cfg.get("rope_ratio", 1),
+                         "partial_rotary_factor": 0.5},
+        pad_token_id=cfg.get("pad_token_id", 0),
+        bos_token_id=1,
+        eos_token_id=stop_ids,
+        dtype=cfg.get("torch_dtype", "float16"),
+    )
+
+
+def generation_config(stop_ids: list[int]) -> GenerationConfig:
+    """The original chat's defaults: sample with top_p 0.8, temperature 0.8; stop on eos/user/observation."""
+    return GenerationConfig(eos_token_id=stop_ids, pad_token_id=0, bos_token_id=1,
+                            do_sample=True, top_p=0.8, temperature=0.8, max_new_tokens=512)
+
+
+# ---- key mapping -------------------------------------------------------------------------------
+_LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$")
+_LAYER_MAP = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.dense.weight": "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight",
+    "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_MAP = {
+    "transformer.embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "transformer.encoder.final_layernorm.weight": "model.norm.weight",
+    "transformer.output_layer.weight": "lm_head.weight",
+}
+_DROPPED = {"transformer.rotary_pos_emb.inv_freq"}
+
+
+def qkv_sizes(config: GlmConfig) -> list[int]:
+    """Rows of the fused QKV matrix that belong to q, k and v (6B: 4096, 256, 256)."""
+    return [config.num_attention_heads * config.head_dim,
+            config.num_key_value_heads * config.head_dim,
+            config.num_key_value_heads * config.head_dim]
+
+
+def expected_shapes(config: GlmConfig) -> dict[str, tuple[int, ...]]:
+    """Every native parameter name with its shape, from the config alone."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv, _ = qkv_sizes(config)
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_up_proj.weight": (2 * i, h), p + "mlp.down_proj.weight": (h, i),
+        })
+        if config.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+    return shapes
+
+
+def convert_tensors(tensors: dict[str, torch.Tensor], config: GlmConfig, source: str) -> dict[str, torch.Tensor]:
+    """Rename original keys to native ones and split the fused QKV rows; checks every shape."""
+    shapes, out = expected_shapes(config), {}
+    for key, t in tensors.items():
+        if key in _DROPPED:
+            continue
+        if key in _GLOBAL_MAP:
+            out[_GLOBAL_MAP[key]] = t
+            continue
+        m = _LAYER.match(key)
+        if not m or int(m.group(1)) >= config.num_hidden_layers:
+            raise ConversionError(f"{source}: unknown weight '{key}' (not part of a ChatGLM3 checkpoint with "
+                                  f"{config.num_hidden_layers} layers)")
+        n, rest = m.groups()
+        prefix = f"model.layers.{n}."
+        if rest in _LAYER_MAP:
+            out[prefix + _LAYER_MAP[rest]] = t
+        elif rest in ("self_attention.query_key_value.weight", "self_attention.query_key_value.bias"):
+            kind = rest.rsplit(".", 1)[1]
+            if t.shape[0] != sum(qkv_sizes(config)):
+                raise ConversionError(f"{source}: '{key}' has {t.shape[0]} rows, but the config "
+                                      f"(num_attention_heads, multi_query_group_num, kv_channels) implies "
+                                      f"{sum(qkv_sizes(config))}")
+            for name, part in zip(("q", "k", "v"), torch.split(t, qkv_sizes(config), dim=0)):
+                out[f"{prefix}self_attn.{name}_proj.{kind}"] = part.clone()
+        else:
+            raise ConversionError(f"{source}: unknown weight '{key}'")
+    for name, t in out.items():
+        want = shapes.get(name)
+        if want is None:
+            raise ConversionError(f"{source}: weight '{name}' is not expected by the config (attention bias?)")
+        if tuple(t.shape) != want:
+            raise ConversionError(f"{source}: weight '{name}' has shape {tuple(t.shape)} but config.json "
+                                  f"implies {want} (hidden_size, ffn_hidden_size, padded_vocab_size, ...)")
+    return out
+
+
+def to_original(tensors: dict[str, torch.Tensor], config: GlmConfig) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`convert_tensors`: native names back to the original ChatGLM3 layout."""
+    inverse = {v: k for k, v in _GLOBAL_MAP.items()}
+    layer_inv = {v: k for k, v in _LAYER_MAP.items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name in inverse:
+            out[inverse[name]] = t
+            continue
+        m = re.match(r"^model\.layers\.(\d+)\.(.+)$", name)
+        if not m:
+            raise ConversionError(f"unknown native weight '{name}'")
+        n, rest = m.groups()
+        if rest in layer_inv:
+            out[f"transformer.encoder.layers.{n}.{layer_inv[rest]}"] = t
+        elif not re.match(r"self_attn\.[qkv]_proj\.(weight|bias)$", rest):
+            raise ConversionError(f"unknown native weight '{name}'")
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}.self_attn."
+        for kind in ("weight", "bias"):
+            parts = [tensors.get(f"{p}{x}_proj.{kind}") for x in "qkv"]
+            if all(x is not None for x in parts):
+                out[f"transformer.encoder.layers.{n}.self_attention.query_key_value.{kind}"] = torch.cat(parts)
+    return out
+
+
+# ---- reading checkpoints shard by shard ----------------------------------------------------------
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's weight files in order: from an index json, else a single file."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = model_dir / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+            if not weight_map:
+                raise ConversionError(f"{index}: field 'weight_map' is missing or empty")
+            files = [model_dir / f for f in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ConversionError(f"{index} lists shard(s) that are not in {model_dir}: {', '.join(missing)} "
+                                      f"(an interrupted download? run the download again)")
+            return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+    raise ConversionError(f"{model_dir}: no weights found (expected *.safetensors or pytorch_model*.bin, "
+                          f"with their index json when sharded)")
+
+
+def read_shard(path: Path) -> dict[str, torch.Tensor]:
+    """One shard into host memory (memory-mapped for .bin), never more."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{model_dir}: no config.json (is this a model directory?)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def _fingerprint(model_dir: Path, files: list[Path]) -> list[list[Any]]:
+    names = [model_dir / "config.json", model_dir / VOCAB_FILE, *files]
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in names]
+
+
+@dataclass
+class ConversionReport:
+    out_dir: Path
+    reused: bool
+    shards: int
+    parameters: int
+
+
+def convert_checkpoint(src: str | Path, out: str | Path | None = None, progress: bool = True) -> ConversionReport:
+    """Convert an original ChatGLM3 directory into a native one; reuses a finished conversion.
+
+    Writes into ``<out>.partial`` and renames at the end, so an interrupted run is never mistaken for a
+    finished one.  Host memory stays near one input shard: each shard is converted and written on its own.
+    """
+    src = Path(src)
+    out = Path(out) if out is not None else native_dir_for(src)
+    config_dict = read_config(src)
+    if not (src / VOCAB_FILE).is_file():
+        raise ConversionError(f"{src}: missing tokenizer file '{VOCAB_FILE}' (the ChatGLM3 sentencepiece model)")
+    tokenizer = ChatGLM3Tokenizer(vocab_file=str(src / VOCAB_FILE))
+    config = glm_config_from_chatglm(config_dict, tokenizer.stop_ids, str(src / "config.json"))
+    files = weight_files(src)
+    stamp = {"format": FORMAT_VERSION, "source": str(src.resolve()), "files": _fingerprint(src, files)}
+    if (out / MARKER).is_file():
+        if json.loads((out / MARKER).read_text(encoding="utf-8")) == stamp:
+            return ConversionReport(out, True, len(files), _count_params(out))
+        shutil.rmtree(out)  # ours, but made from other source files
+    elif out.exists():
+        raise ConversionError(f"{out} exists and is not a glmlora conversion; move it away or choose another "
+                              f"output directory")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    weight_map, total, seen = {}, 0, set()
+    for i, path in enumerate(tqdm(files, desc="converting shards", disable=not progress)):
+        tensors = convert_tensors(read_shard(path), config, str(path))
+        name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        save_file(tensors, str(partial / name), metadata={"format": "pt"})
+        for k, t in tensors.items():
+            weight_map[k] = name
+            total += t.numel() * t.element_size()
+        seen |= tensors.keys()
+        del tensors
+    missing = sorted(set(expected_shapes(config)) - seen)
+    if missing:
+        shutil.rmtree(partial)
+        raise ConversionError(f"{src}: the checkpoint lacks {len(missing)} weight(s), e.g. "
+                              f"{', '.join(missing[:3])} (native names)")
+    (partial / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    config.architectures = ["GlmForCausalLM"]
+    config.save_pretrained(partial)
+    generation_config(tokenizer.stop_ids).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / MARKER).write_text(json.dumps(stamp, indent=2))
+    partial.rename(out)
+    return ConversionReport(out, False, len(files), _count_params(out))
+
+
+def _count_params(native: Path) -> int:
+    index = json.loads((native / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    count = 0
+    for name in sorted(set(index["weight_map"].values())):
+        with safe_open(str(native / name), framework="pt") as f:
+            count += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return count
+
+
+def native_dir_for(src: Path) -> Path:
+    """Where an original checkpoint's conversion is cached: a sibling directory."""
+    return src.with_name(src.name + NATIVE_SUFFIX)
+
+
+def model_type(path: str | Path) -> str:
+    return read_config(Path(path)).get("model_type", "")
+
+
+def ensure_native(path: str | Path, progress: bool = True) -> Path:
+    """A native directory for ``path``: itself if already native, else its (cached) conversion."""
+    path = Path(path)
+    kind = model_type(path)
+    if kind == "glm":
+        return path
+    if kind == "chatglm":
+        return convert_checkpoint(path, progress=progress).out_dir
+    raise ConversionError(f"{path / 'config.json'}: field 'model_type' is {kind!r}; expected 'chatglm' "
+                          f"(an original ChatGLM3 download) or 'glm' (a converted one)")
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU (CPU half math is slow or missing)."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device_map: Any = None,
+               attn_implementation: str = "sdpa", **kwargs: Any):
+    """Load ChatGLM3 as ``GlmForCausalLM`` from an original download (converted once) or a native dir."""
+    from transformers import AutoModelForCausalLM
+
+    native = ensure_native(path)
+    return AutoModelForCausalLM.from_pretrained(
+        str(native), dtype=dtype or default_dtype(), device_map=device_map,
+        attn_implementation=attn_implementation, **kwargs)
+
+
+def load(path: str | Path, **kwargs: Any):
+    """``(model, tokenizer)`` for a ChatGLM3 directory, original or converted."""
+    native = ensure_native(path)
+    return load_model(native, **kwargs), load_tokenizer(native)
+
+
+def iter_native_tensors(native: Path) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    index = json.loads((native / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    for name in sorted(set(index["weight_map"].values())):
+        yield name, read_shard(native / name)
+
+
+def export_original(native: str | Path, out: str | Path) -> Path:
+    """Write a native directory back in the original ChatGLM3 layout (for tools that expect it).
+
+    The original remote code is not shipped; the weights, config.json and tokenizer.model are.
+    """
+    native, out = Path(native), Path(out)
+    config = GlmConfig.from_pretrained(str(native))
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    shard_names = sorted(set(json.loads((native / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    pending: dict[str, torch.Tensor] = {}
+    for i, (_, tensors) in enumerate(iter_native_tensors(native)):
+        pending.update(tensors)
+        # q, k and v of one layer may sit in different shards: keep incomplete layers for the next shard.
+        done = {k: v for k, v in pending.items() if _layer_complete(k, pending, config)}
+        for k in done:
+            pending.pop(k)
+        name = f"model-{i + 1:05d}-of-{len(shard_names):05d}.safetensors"
+        converted = to_original(done, config)
+        save_file(converted, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in converted})
+    if pending:
+        raise ConversionError(f"{native}: incomplete attention weights {sorted(pending)[:3]}")
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                 indent=2))
+    (out / "config.json").write_text(json.dumps(chatglm_config_from_glm(config), indent=2))
+    shutil.copyfile(native / VOCAB_FILE, out / VOCAB_FILE)
+    return out
+
+
+def _layer_complete(name: str, tensors: dict[str, torch.Tensor], config: GlmConfig) -> bool:
+    m = re.match(r"^(model\.layers\.\d+\.self_attn\.)[qkv]_proj\.(weight|bias)$", name)
+    if not m:
+        return True
+    return all(f"{m.group(1)}{x}_proj.{m.group(2)}" in tensors for x in "qkv")
+
+
+def chatglm_config_from_glm(config: GlmConfig) -> dict[str, Any]:
+    """The original ``config.json`` fields for a native config (inverse of :func:`glm_config_from_chatglm`)."""
+    theta = config.rope_parameters["rope_theta"]
+    out = {
+        "model_type": "chatglm", "architectures": ["ChatGLMModel"],
+        "add_bias_linear": False, "add_qkv_bias": bool(config.attention_bias),
+        "apply_residual_connection_post_layernorm": False, "ffn_hidden_size": config.intermediate_size,
+        "hidden_size": config.hidden_size, "kv_channels": config.head_dim,
+        "layernorm_epsilon": config.rms_norm_eps,
+        "multi_query_attention": config.num_key_value_heads != config.num_attention_heads,
+        "multi_query_group_num": config.num_key_value_heads, "num_attention_heads": config.num_attention_heads,
+        "num_layers": config.num_hidden_layers, "original_rope": True, "padded_vocab_size": config.vocab_size,
+        "post_layer_norm": True, "rmsnorm": True, "seq_length": config.max_position_embeddings,
+        "tie_word_embeddings": False, "eos_token_id": 2, "pad_token_id": config.pad_token_id,
+        "torch_dtype": str(config.dtype).replace("torch.", "") if config.dtype else "float16",
+    }
+    if theta != 10000.0:
+        out["rope_ratio"] = theta / 10000.0
+    return out

@@ -1,0 +1,170 @@
+"""Chatting with ChatGLM3 the right way (lesson 06): format by ids, stop ids, history, streaming, batches.
+
+Fixes of the original tutorial's loop: the prompt is built from role *ids* (not text), generation is
+bounded by ``max_new_tokens`` (not ``max_length``, which counts the prompt), it stops on eos /
+``<|user|>`` / ``<|observation|>``, and the history is kept — truncated oldest-first to fit the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from threading import Thread
+from typing import Any, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TextIteratorStreamer
+
+from .tokenizer import ChatGLM3Tokenizer
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class GenerationSettings:
+    """The original chat's sampling defaults; set ``do_sample=False`` for reproducible (greedy) answers."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = True
+    top_p: float = 0.8
+    temperature: float = 0.8
+    repetition_penalty: float = 1.0
+
+    def kwargs(self) -> dict[str, Any]:
+        kw = asdict(self)
+        if not self.do_sample:
+            kw.pop("top_p"), kw.pop("temperature")
+        return kw
+
+
+def fit_history(tokenizer: ChatGLM3Tokenizer, messages: Messages, max_context: int) -> Messages:
+    """Drop the oldest exchanges until the prompt fits ``max_context`` tokens; never the system message.
+
+    ``messages`` ends with the new user message.  Raises if even system + new message do not fit.
+    """
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    while True:
+        prompt = tokenizer.build_conversation(system + rest, add_generation_prompt=True)
+        if len(prompt) <= max_context:
+            return system + rest
+        if len(rest) <= 1:
+            raise ValueError(f"the system message and the new message alone take {len(prompt)} tokens, more "
+                             f"than the {max_context} allowed; shorten them or raise max_context")
+        rest = rest[2:] if rest[0]["role"] == "user" and len(rest) > 2 else rest[1:]
+
+
+def split_reply(text: str) -> tuple[str, str]:
+    """ChatGLM3 replies start with a metadata line (a tool name, normally empty): ``(metadata, content)``."""
+    metadata, _, content = text.partition("\n")
+    return metadata.strip(), content.strip()
+
+
+def _context_limit(model: Any, settings: GenerationSettings, max_context: int | None) -> int:
+    limit = max_context or getattr(model.config, "max_position_embeddings", 8192)
+    return limit - settings.max_new_tokens
+
+
+def _prompt(tokenizer: ChatGLM3Tokenizer, messages: Messages, model: Any, settings: GenerationSettings,
+            max_context: int | None) -> torch.Tensor:
+    fitted = fit_history(tokenizer, messages, _context_limit(model, settings, max_context))
+    return torch.tensor([tokenizer.build_conversation(fitted, add_generation_prompt=True)], device=model.device)
+
+
+def _generate_kwargs(tokenizer: ChatGLM3Tokenizer, settings: GenerationSettings, fast: bool) -> dict[str, Any]:
+    kw = {"eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_token_id, **settings.kwargs()}
+    if fast:
+        kw["cache_implementation"] = "static"  # fixed-shape cache: transformers compiles the decode step
+    return kw
+
+
+def _use_fast_path(model: Any, fast: bool | None) -> bool:
+    return bool(fast) if fast is not None else model.device.type == "cuda"
+
+
+def conversation(query: str, history: Messages | None = None, system: str | None = None) -> Messages:
+    """History plus the new user message, with ``system`` first unless the history already has one."""
+    history = list(history or [])
+    if system and not (history and history[0]["role"] == "system"):
+        history = [{"role": "system", "content": system}] + history
+    return history + [{"role": "user", "content": query}]
+
+
+@torch.inference_mode()
+def chat(model: Any, tokenizer: ChatGLM3Tokenizer, query: str, history: Messages | None = None,
+         system: str | None = None, settings: GenerationSettings | None = None, max_context: int | None = None,
+         fast: bool | None = None) -> tuple[str, Messages]:
+    """One reply and the updated history (system, user and assistant messages)."""
+    settings = settings or GenerationSettings()
+    messages = conversation(query, history, system)
+    ids = _prompt(tokenizer, messages, model, settings, max_context)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                         **_generate_kwargs(tokenizer, settings, _use_fast_path(model, fast)))
+    reply = decode_reply(tokenizer, out[0, ids.shape[1]:].tolist())
+    return reply, messages + [{"role": "assistant", "content": reply}]
+
+
+def decode_reply(tokenizer: ChatGLM3Tokenizer, new_ids: Sequence[int]) -> str:
+    """Generated ids -> reply text: cut at the first stop id, drop the metadata line."""
+    stops = set(tokenizer.stop_ids)
+    cut = next((i for i, t in enumerate(new_ids) if t in stops), len(new_ids))
+    return split_reply(tokenizer.decode(list(new_ids[:cut]), skip_special_tokens=True))[1]
+
+
+def stream_chat(model: Any, tokenizer: ChatGLM3Tokenizer, query: str, history: Messages | None = None,
+                system: str | None = None, settings: GenerationSettings | None = None,
+                max_context: int | None = None, fast: bool | None = None) -> Iterator[str]:
+    """Yield the reply in pieces as it is generated (generation runs in a background thread).
+
+    The metadata line is held back, so the pieces join to exactly what :func:`chat` returns.
+    """
+    settings = settings or GenerationSettings()
+    ids = _prompt(tokenizer, conversation(query, history, system), model, settings, max_context)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                  **_generate_kwargs(tokenizer, settings, _use_fast_path(model, fast)))
+    worker = Thread(target=_generate_quietly, args=(model, kwargs), daemon=True)
+    worker.start()
+    text, sent = "", 0
+    for piece in streamer:
+        text += piece
+        if "\n" not in text:
+            continue  # still inside the metadata line
+        content = text.partition("\n")[2].strip()  # trailing spaces wait for the next piece
+        if len(content) > sent:
+            yield content[sent:]
+            sent = len(content)
+    worker.join()
+    if isinstance(kwargs.get("error"), BaseException):
+        raise kwargs["error"]
+
+
+def _generate_quietly(model: Any, kwargs: dict[str, Any]) -> None:
+    try:
+        with torch.inference_mode():
+            model.generate(**{k: v for k, v in kwargs.items() if k != "error"})
+    except BaseException as e:  # surfaced in the consumer thread
+        kwargs["error"] = e
+        kwargs["streamer"].end()
+
+
+@torch.inference_mode()
+def generate_batch(model: Any, tokenizer: ChatGLM3Tokenizer, conversations: Sequence[Messages],
+                   settings: GenerationSettings | None = None, batch_size: int = 8,
+                   progress: bool = True) -> list[str]:
+    """Replies for many conversations at once: left-padded batches, similar lengths together.
+
+    Each conversation ends with the user message to answer.  Order of the result = order of the input.
+    """
+    settings = settings or GenerationSettings(do_sample=False)
+    prompts = [tokenizer.build_conversation(c, add_generation_prompt=True) for c in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies: list[str] = [""] * len(prompts)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="generating", disable=not progress):
+        enc = tokenizer.pad([{"input_ids": prompts[i]} for i in batch], padding_side="left",
+                            return_tensors="pt").to(model.device)
+        out = model.generate(**enc, **_generate_kwargs(tokenizer, settings, fast=False))
+        for row, i in enumerate(batch):
+            replies[i] = decode_reply(tokenizer, out[row, enc["input_ids"].shape[1]:].tolist())
+    return replies

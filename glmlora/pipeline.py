@@ -1,0 +1,109 @@
+"""Idempotent prerequisites, so that every lesson runs on its own.
+
+Lesson 06 needs an adapter, which needs lesson 05's training, which needs lesson 03's split and lesson
+02's model.  Each ``ensure_*`` returns what exists, or makes it with the course's defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .chatglm3 import ConversionError, ensure_native, load_model
+from .data import load_records, sample_data_path, split_records, write_jsonl
+from .profiles import MODEL_ID, Profile, model_cache
+from .tokenizer import load_tokenizer
+
+
+def download_chatglm3(cache_dir: str | Path | None = None) -> Path:
+    """``modelscope.snapshot_download`` of ChatGLM3-6B (about 12.5 GB); re-running skips finished files."""
+    cache_dir = Path(cache_dir) if cache_dir else model_cache()
+    try:
+        from modelscope import snapshot_download
+    except ImportError as e:
+        raise RuntimeError("modelscope is not installed: pip install modelscope") from e
+    try:
+        return Path(snapshot_download(MODEL_ID, cache_dir=str(cache_dir)))
+    except Exception as e:  # network errors come in many types; the message is what matters
+        raise RuntimeError(f"could not download {MODEL_ID} into {cache_dir} ({type(e).__name__}: {e}). "
+                           f"Without a network, copy an existing download there (the folder must contain "
+                           f"config.json, tokenizer.model and the weight shards).") from None
+
+
+def ensure_base_model(profile: Profile) -> Path:
+    """The original-layout model directory of ``profile``: built (tiny, full-random) or downloaded (full)."""
+    from .tiny import build_full_random, build_tiny
+
+    if profile.name == "tiny":
+        return build_tiny(profile.model_dir)
+    if profile.name == "full-random":
+        import torch
+
+        return build_full_random(profile.model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    if (profile.model_dir / "config.json").is_file():
+        return profile.model_dir
+    return download_chatglm3()
+
+
+def ensure_native_model(profile: Profile) -> Path:
+    """The converted (native ``GlmForCausalLM``) directory of ``profile``; converts once."""
+    return ensure_native(ensure_base_model(profile))
+
+
+def ensure_splits(profile: Profile, source: str | Path | None = None, val_fraction: float = 0.1,
+                  seed: int = 42) -> tuple[Path, Path]:
+    """``train.jsonl`` and ``val.jsonl`` under the work directory (lesson 03's split, made once)."""
+    train_path, val_path = profile.data_dir / "train.jsonl", profile.data_dir / "val.jsonl"
+    if not (train_path.is_file() and val_path.is_file()):
+        train, val = split_records(load_records(source or sample_data_path()), val_fraction, seed)
+        write_jsonl(train, train_path)
+        write_jsonl(val, val_path)
+    return train_path, val_path
+
+
+def train_adapter(profile: Profile, **overrides: Any) -> Path:
+    """Lesson 05 in one call (what its cells do step by step); returns the saved adapter directory."""
+    from transformers import Trainer
+
+    from .formatting import tokenize_records
+    from .lora import lora_config
+    from .training import add_lora, collator, plot_loss, training_arguments
+
+    native = ensure_native_model(profile)
+    train_path, val_path = ensure_splits(profile)
+    tokenizer = load_tokenizer(native)
+    model = add_lora(load_model(native), lora_config())
+    train_ds, _ = tokenize_records(load_records(train_path), tokenizer, profile.max_length)
+    val_ds, _ = tokenize_records(load_records(val_path), tokenizer, profile.max_length)
+    args = training_arguments(profile.run_dir, eval_strategy="epoch",
+                              **{**profile.train_overrides, **overrides})
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                      data_collator=collator(tokenizer), processing_class=tokenizer)
+    trainer.train()
+    model.save_pretrained(profile.adapter_dir)
+    tokenizer.save_pretrained(profile.adapter_dir)
+    plot_loss(trainer.state.log_history, profile.run_dir / "loss.png")
+    return profile.adapter_dir
+
+
+def ensure_adapter(profile: Profile) -> Path:
+    """Lesson 05's adapter, trained with the defaults if it does not exist yet."""
+    if (profile.adapter_dir / "adapter_config.json").is_file():
+        return profile.adapter_dir
+    return train_adapter(profile)
+
+
+def load_finetuned(profile: Profile, merge: bool = True, **model_kwargs: Any):
+    """Base model + the lesson-05 adapter (merged into the weights by default, for fast chat)."""
+    from peft import PeftModel
+
+    native = ensure_native_model(profile)
+    adapter = ensure_adapter(profile)
+    model = PeftModel.from_pretrained(load_model(native, **model_kwargs), str(adapter))
+    if merge:
+        model = model.merge_and_unload()
+    return model.eval(), load_tokenizer(native)
+
+
+__all__ = ["ConversionError", "download_chatglm3", "ensure_adapter", "ensure_base_model", "ensure_native_model",
+           "ensure_splits", "load_finetuned", "train_adapter"]

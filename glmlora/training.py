@@ -1,0 +1,144 @@
+"""Training pieces of lesson 05: model preparation, TrainingArguments defaults, collator, plots, memory.
+
+Defaults fit a 20–24 GB card: bf16 where supported (fp16 weights with fp32 LoRA parameters otherwise,
+so AMP never tries to unscale fp16 gradients), gradient checkpointing *with* input grads, batches of
+similar length padded only to their longest member.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+from .formatting import IGNORE
+from .tokenizer import ChatGLM3Tokenizer
+
+
+def add_lora(model: Any, config: Any, gradient_checkpointing: bool = True) -> Any:
+    """Wrap ``model`` with LoRA; LoRA weights in fp32 even on a half-precision base.
+
+    With checkpointing, the frozen embedding output does not require grad, so the recomputed block has
+    nothing to differentiate ("element 0 of tensors does not require grad"):
+    ``enable_input_require_grads`` fixes that.
+    """
+    from peft import get_peft_model
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False  # a KV cache is useless in training and clashes with checkpointing
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return peft_model
+
+
+def precision_flags() -> dict[str, bool]:
+    """``bf16`` on GPUs that have it, ``fp16`` AMP on older GPUs, neither on CPU."""
+    if not torch.cuda.is_available():
+        return {"bf16": False, "fp16": False}
+    bf16 = torch.cuda.is_bf16_supported()
+    return {"bf16": bf16, "fp16": not bf16}
+
+
+def training_arguments(output_dir: str | Path, **overrides: Any) -> TrainingArguments:
+    """``TrainingArguments`` with the course's defaults for a 20–24 GB card; any field can be overridden."""
+    defaults: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=4,
+        learning_rate=2e-4,
+        num_train_epochs=3,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        logging_steps=10,
+        save_strategy="steps",
+        save_steps=100,
+        save_total_limit=2,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        train_sampling_strategy="group_by_length",
+        report_to="none",
+        remove_unused_columns=True,
+        dataloader_num_workers=0,
+        seed=42,
+        **precision_flags(),
+    )
+    defaults.update(overrides)
+    if not torch.cuda.is_available():
+        defaults["use_cpu"] = True
+    return TrainingArguments(**defaults)
+
+
+def collator(tokenizer: ChatGLM3Tokenizer, pad_to_multiple_of: int | None = 8) -> DataCollatorForSeq2Seq:
+    """Pads each batch to its longest example (labels with -100), on the right."""
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE,
+                                  pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+
+
+def trainable_summary(model: Any) -> str:
+    trainable, total = model.get_nb_trainable_parameters()
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %)"
+
+
+def memory_report() -> dict[str, float]:
+    """GiB: GPU allocated / reserved / peak when on CUDA, else this process's peak host memory."""
+    gib = 1024 ** 3
+    if torch.cuda.is_available():
+        return {"gpu_allocated_gib": torch.cuda.memory_allocated() / gib,
+                "gpu_reserved_gib": torch.cuda.memory_reserved() / gib,
+                "gpu_peak_allocated_gib": torch.cuda.max_memory_allocated() / gib,
+                "gpu_total_gib": torch.cuda.get_device_properties(0).total_memory / gib}
+    return {"host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib}
+
+
+def loss_history(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """``{"train": [(step, loss)], "eval": [(step, eval_loss)]}`` from ``trainer.state.log_history``."""
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    return {"train": train, "eval": evals}
+
+
+def read_log_history(checkpoint_or_output_dir: str | Path) -> list[dict[str, Any]]:
+    """The log history saved by Trainer (``trainer_state.json``) of a run or its newest checkpoint."""
+    root = Path(checkpoint_or_output_dir)
+    candidates = [root / "trainer_state.json"] + sorted(root.glob("checkpoint-*/trainer_state.json"),
+                                                          key=lambda p: int(p.parent.name.split("-")[1]))
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        raise FileNotFoundError(f"no trainer_state.json in {root} or its checkpoints: train first (lesson 05)")
+    return json.loads(found[-1].read_text(encoding="utf-8"))["log_history"]
+
+
+def plot_loss(log_history: list[dict[str, Any]], path: str | Path | None = None, title: str = "LoRA training"):
+    """The loss curve (train, and eval if logged); saved as an image when ``path`` is given."""
+    import matplotlib.pyplot as plt
+
+    curves = loss_history(log_history)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in curves.items():
+        if points:
+            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=f"{name} loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy on reply tokens")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` folder, to resume an interrupted run (``trainer.train(resume_from_checkpoint=...)``)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None

@@ -1,0 +1,39 @@
+"""Shared fixtures: one tiny ChatGLM3 checkpoint in the original layout, built once per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmlora.chatglm3 import read_shard, weight_files
+from glmlora.tiny import build_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_original(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("models") / "tiny-chatglm3")
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_original) -> dict:
+    return json.loads((tiny_original / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_state(tiny_original) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for f in weight_files(tiny_original):
+        sd.update(read_shard(f))
+    return sd
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A private copy of a checkpoint a test may break."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
