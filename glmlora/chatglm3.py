@@ -46,8 +46,12 @@ _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
 _REQUIRED = ("hidden_size", "num_layers", "num_attention_heads", "padded_vocab_size", "ffn_hidden_size")
 
 
-def glm_config_from_chatglm(cfg: dict[str, Any], stop_ids: list[int], source: str = "config.json") -> GlmConfig:
-    """Map a ChatGLM3 ``config.json`` (model_type ``chatglm``) to ``GlmConfig`` (DESIGN.md §2.3)."""
+def glm_config_from_chatglm(cfg: dict[str, Any], source: str = "config.json") -> GlmConfig:
+    """Map a ChatGLM3 ``config.json`` (model_type ``chatglm``) to ``GlmConfig`` (DESIGN.md §2.3).
+
+    ``eos_token_id`` stays 2 (Trainer aligns it with the tokenizer's eos anyway); generation stops on the
+    full list ``[eos, <|user|>, <|observation|>]`` through ``generation_config.json``.
+    """
     if cfg.get("model_type") != "chatglm":
         raise ConversionError(f"{source}: field 'model_type' is {cfg.get('model_type')!r}, expected 'chatglm'")
     for field, bad, why in _UNSUPPORTED:
@@ -76,7 +80,7 @@ def glm_config_from_chatglm(cfg: dict[str, Any], stop_ids: list[int], source: st
                          "partial_rotary_factor": 0.5},
         pad_token_id=cfg.get("pad_token_id", 0),
         bos_token_id=1,
-        eos_token_id=stop_ids,
+        eos_token_id=2,  # as in the original config; the stop list lives in generation_config.json
         dtype=cfg.get("torch_dtype", "float16"),
     )
 
@@ -258,7 +262,7 @@ def convert_checkpoint(src: str | Path, out: str | Path | None = None, progress:
     if not (src / VOCAB_FILE).is_file():
         raise ConversionError(f"{src}: missing tokenizer file '{VOCAB_FILE}' (the ChatGLM3 sentencepiece model)")
     tokenizer = ChatGLM3Tokenizer(vocab_file=str(src / VOCAB_FILE))
-    config = glm_config_from_chatglm(config_dict, tokenizer.stop_ids, str(src / "config.json"))
+    config = glm_config_from_chatglm(config_dict, str(src / "config.json"))
     files = weight_files(src)
     stamp = {"format": FORMAT_VERSION, "source": str(src.resolve()), "files": _fingerprint(src, files)}
     if (out / MARKER).is_file():

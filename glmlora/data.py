@@ -21,8 +21,11 @@ from typing import Any, Iterable
 Record = dict[str, Any]
 SINGLE_FIELDS = {"system", "input", "output"}
 _CJK = re.compile(r"[\u4e00-\u9fff]")
-#: Words that mark a reply as a referral to professional help (the safety check of lesson 07 uses these).
-REFERRAL_WORDS = ("热线", "专业", "hotline", "988", "Samaritans", "professional", "emergency", "急救", "110", "120")
+#: Words that mark a crisis reply: a hotline is named.
+HOTLINE_WORDS = ("热线", "12356", "400-161-9995", "hotline", "988", "Samaritans", "116 123")
+#: Words that mark a reply as a referral to professional help (the transparent rule of the safety check).
+REFERRAL_WORDS = HOTLINE_WORDS + ("专业", "心理咨询师", "医生", "急救", "professional", "counselor", "counsellor",
+                                  "therapist", "doctor", "emergency")
 
 
 class DataError(ValueError):
@@ -157,12 +160,18 @@ def is_referral(text: str) -> bool:
     return any(w.lower() in low for w in REFERRAL_WORDS)
 
 
+def is_crisis_reply(text: str) -> bool:
+    """Does the reply name a hotline? (How the bundled data answers crisis messages.)"""
+    low = text.lower()
+    return any(w.lower() in low for w in HOTLINE_WORDS)
+
+
 def kind(record: Record) -> str:
     return "multi" if "messages" in record else "single"
 
 
 def stratum(record: Record) -> str:
-    crisis = is_referral(to_messages(record)[-1]["content"])
+    crisis = is_crisis_reply(to_messages(record)[-1]["content"])
     return f"{language(record)}-{kind(record)}-{'crisis' if crisis else 'other'}"
 
 

@@ -90,7 +90,11 @@ def original_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 
 def init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, device: str) -> torch.Tensor:
-    """Random weights of a plausible scale: norms near 1, matrices ~N(0, 0.02), a visible QKV bias."""
+    """Random weights of a plausible scale: norms near 1, matrices ~N(0, 0.02), a visible QKV bias.
+
+    The output layer gets std 2/sqrt(hidden): with 0.02 a tiny model's logits could never exceed ~2.5,
+    so even a perfectly tuned LoRA could not make one token likely and nothing would be memorised.
+    """
     if name.endswith("inv_freq"):
         dim = shape[0] * 4
         return 1.0 / (10000 ** (torch.arange(0, dim // 2, 2, dtype=torch.float32) / (dim // 2)))
@@ -98,7 +102,8 @@ def init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, device:
         return 1.0 + 0.1 * torch.randn(shape, generator=gen, device=device)
     if name.endswith(".bias"):
         return 0.1 * torch.randn(shape, generator=gen, device=device)
-    return 0.02 * torch.randn(shape, generator=gen, device=device)
+    std = 2 / math.sqrt(shape[1]) if name.endswith("output_layer.weight") else 0.02
+    return std * torch.randn(shape, generator=gen, device=device)
 
 
 def write_checkpoint(out: Path, cfg: dict, shards: int, seed: int, dtype: torch.dtype = torch.float16,

@@ -37,3 +37,32 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
         if f.is_file():
             (dst / f.name).write_bytes(f.read_bytes())
     return dst
+
+
+@pytest.fixture(scope="session")
+def memorised(tiny_original, tmp_path_factory):
+    """A LoRA trained hard on a few short records of the bundled set: (model, tokenizer, records, trainer)."""
+    from transformers import Trainer
+
+    from glmlora import load_model, load_tokenizer
+    from glmlora.chatglm3 import ensure_native
+    from glmlora.data import load_records, sample_data_path, to_messages
+    from glmlora.formatting import tokenize_records
+    from glmlora.lora import ALL_LINEAR_TARGETS, lora_config
+    from glmlora.training import add_lora, collator, training_arguments
+
+    singles = [r for r in load_records(sample_data_path()) if "messages" not in r]
+    records = sorted(singles, key=lambda r: len(r["output"]) + len(r["input"]))[:6]
+    native = ensure_native(tiny_original)
+    tok = load_tokenizer(native)
+    torch.manual_seed(0)
+    model = add_lora(load_model(native, dtype=torch.float32), lora_config(r=16, alpha=32, dropout=0.0,
+                                                                          target_modules=ALL_LINEAR_TARGETS))
+    ds, _ = tokenize_records(records, tok, max_length=128)
+    args = training_arguments(tmp_path_factory.mktemp("run"), per_device_train_batch_size=6, num_train_epochs=60,
+                              learning_rate=1e-2, logging_steps=5, save_strategy="no", warmup_steps=0,
+                              disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator(tok), processing_class=tok)
+    trainer.train()
+    model.eval()
+    return model, tok, records, trainer, [to_messages(r) for r in records]

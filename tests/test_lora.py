@@ -54,7 +54,7 @@ def test_imported_adapter_equals_fused_lora(tiny_original, tiny_state, tiny_conf
     want = forward(tiny_state, tiny_config, ids, lora=deltas)
     without = forward(tiny_state, tiny_config, ids)
     assert (want - without).abs().max() > 1e-2  # the adapter really changes the model
-    assert (got - want).abs().max().item() < 1e-5
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
 def test_row_split_is_inferred_without_base_model(tiny_original, tiny_state, tiny_config, tmp_path):

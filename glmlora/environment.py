@@ -1,0 +1,295 @@
+"""Lesson 01: what machine is this, are the packages recent enough, and what training settings fit it.
+
+Most failures reported against the original tutorial were environment failures (a transformers upgrade
+breaking remote code, an fp16-only GPU, a 24 GB card running out of memory at long lengths), so the course
+checks the environment first and says *exactly* what to install instead of failing halfway through lesson 05.
+Versions are read with ``importlib.metadata`` (no package is imported just to learn its version) and
+compared with ``packaging.version``, the same rules pip uses.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.metadata as metadata
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+from packaging.version import InvalidVersion, Version
+
+#: Profiles (see ``glmlora.profiles``) that download the real model and so need modelscope.
+DOWNLOAD_PROFILES = ("full",)
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One package the course uses: its pip name, the oldest version that works, and who needs it.
+
+    ``needed_by`` = ``"all"`` (every profile), a tuple of profile names, or ``()`` (nice to have).
+    ``below`` is an exclusive upper bound, for a major version the course has not been tested on.
+    """
+
+    name: str
+    minimum: str
+    needed_by: str | tuple[str, ...] = "all"
+    why: str = ""
+    below: str | None = None
+
+    def needed_for(self, profile: str) -> bool:
+        return self.needed_by == "all" or profile in self.needed_by
+
+    @property
+    def spec(self) -> str:
+        """The pip requirement string, e.g. ``transformers>=5.17,<6``."""
+        return f"{self.name}>={self.minimum}" + (f",<{self.below}" if self.below else "")
+
+
+REQUIREMENTS: tuple[Requirement, ...] = (
+    Requirement("torch", "2.4", why="tensors, autograd, SDPA attention"),
+    Requirement("transformers", "5.17", why="native GlmForCausalLM, Trainer", below="6"),
+    Requirement("peft", "0.18", why="LoRA adapters"),
+    Requirement("accelerate", "1.10", why="needed by Trainer and device_map"),
+    Requirement("datasets", "4", why="tokenised training sets"),
+    Requirement("sentencepiece", "0.2", why="the ChatGLM3 tokenizer"),
+    Requirement("safetensors", "0.6", why="converted weights"),
+    Requirement("modelscope", "1.20", needed_by=DOWNLOAD_PROFILES, why="downloads ChatGLM3-6B (full profile)"),
+    Requirement("ipywidgets", "8.1", why="the chat box of lesson 06"),
+    Requirement("matplotlib", "3.9", why="loss curves, histograms"),
+    Requirement("jieba", "0.42", why="Chinese word segmentation for evaluation"),
+)
+
+
+@dataclass(frozen=True)
+class PackageStatus:
+    """The verdict for one :class:`Requirement` on this machine."""
+
+    requirement: Requirement
+    installed: str | None
+    status: str  # "ok" | "missing" | "too old" | "too new" | "optional" (missing, not needed) | "unknown"
+    required: bool
+
+    @property
+    def name(self) -> str:
+        return self.requirement.name
+
+    @property
+    def blocking(self) -> bool:
+        """True when this package stops the course from running on the chosen profile."""
+        return self.required and self.status in ("missing", "too old", "too new")
+
+    @property
+    def fix(self) -> str:
+        """The pip command that fixes this package (quoted, so ``>`` is not a shell redirect)."""
+        return f'pip install -U "{self.requirement.spec}"'
+
+
+def installed_version(name: str) -> str | None:
+    """The installed distribution's version, or None — without importing the package."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def package_status(req: Requirement, profile: str = "tiny") -> PackageStatus:
+    """Compare what is installed with ``req`` (pip's version rules: ``2.13.0+cpu`` >= ``2.4``)."""
+    required = req.needed_for(profile)
+    got = installed_version(req.name)
+    if got is None:
+        return PackageStatus(req, None, "missing" if required else "optional", required)
+    try:
+        version = Version(got)
+    except InvalidVersion:  # a home-made build; do not block on what we cannot read
+        return PackageStatus(req, got, "unknown", required)
+    if version < Version(req.minimum):
+        status = "too old"
+    elif req.below and version >= Version(req.below):
+        status = "too new"
+    else:
+        status = "ok"
+    return PackageStatus(req, got, status, required)
+
+
+def package_report(profile: str = "tiny") -> list[PackageStatus]:
+    """Every course package with its verdict for ``profile``."""
+    return [package_status(r, profile) for r in REQUIREMENTS]
+
+
+@dataclass(frozen=True)
+class MachineInfo:
+    """The facts that decide the profile and the training settings."""
+
+    gpu_name: str | None
+    gpu_memory_gib: float
+    compute_capability: str | None
+    bf16: bool
+    cpu_count: int
+    python: str
+    torch_cuda: str | None = None
+
+    def rows(self) -> list[tuple[str, str]]:
+        gpu = self.gpu_name or "none (CPU only)"
+        return [("GPU", gpu),
+                ("GPU memory", f"{self.gpu_memory_gib:.1f} GiB" if self.gpu_name else "-"),
+                ("compute capability", self.compute_capability or "-"),
+                ("bf16 supported", "yes" if self.bf16 else "no"),
+                ("CUDA (torch build)", self.torch_cuda or "-"),
+                ("CPU cores", str(self.cpu_count)),
+                ("Python", self.python)]
+
+
+def machine_info() -> MachineInfo:
+    """GPU 0 (name, memory, compute capability, bf16), CPU cores and Python; works without torch."""
+    cpus, py = os.cpu_count() or 1, platform.python_version()
+    try:
+        import torch
+    except ImportError:
+        return MachineInfo(None, 0.0, None, False, cpus, py)
+    if not torch.cuda.is_available():
+        return MachineInfo(None, 0.0, None, False, cpus, py, torch.version.cuda)
+    props = torch.cuda.get_device_properties(0)
+    return MachineInfo(props.name, props.total_memory / 1024 ** 3, f"{props.major}.{props.minor}",
+                       bool(torch.cuda.is_bf16_supported()), cpus, py, torch.version.cuda)
+
+
+@dataclass
+class EnvironmentReport:
+    """Machine + packages for one profile; shows itself as a table in a notebook."""
+
+    profile: str
+    machine: MachineInfo
+    packages: list[PackageStatus] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[PackageStatus]:
+        return [p for p in self.packages if p.blocking]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def package_rows(self) -> list[tuple[str, str, str, str, str]]:
+        """``(package, installed, needed, status, used for)`` per package."""
+        mark = {"ok": "✅ ok", "missing": "❌ missing", "too old": "❌ too old", "too new": "⚠️ too new",
+                "optional": "➖ not installed (optional here)", "unknown": "⚠️ unreadable version"}
+        return [(p.name, p.installed or "-", p.requirement.spec.removeprefix(p.name),
+                 mark[p.status] if p.required or p.status != "too new" else "⚠️ too new (optional here)",
+                 p.requirement.why) for p in self.packages]
+
+    def to_markdown(self) -> str:
+        lines = ["| machine | |", "|---|---|", *(f"| {k} | {v} |" for k, v in self.machine.rows()), "",
+                 f"| package | installed | needed | status (profile {self.profile}) | used for |",
+                 "|---|---|---|---|---|", *("| " + " | ".join(r) + " |" for r in self.package_rows())]
+        return "\n".join(lines)
+
+    def to_html(self) -> str:
+        def table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+            th = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in head)
+            body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in r)
+                           + "</tr>" for r in rows)
+            return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+        return (table(("machine", ""), self.machine.rows()) + "<br>"
+                + table(("package", "installed", "needed", f"status (profile {self.profile})", "used for"),
+                        self.package_rows()))
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+
+def _resolve_profile(profile_name: str | None) -> str:
+    """``tiny``/``full``/``full-random`` as given; ``auto`` or None asks :func:`glmlora.profiles.select_profile`."""
+    from .profiles import select_profile
+
+    return select_profile(profile_name).name
+
+
+def environment_report(profile_name: str | None = None) -> EnvironmentReport:
+    """The machine and every package's verdict for a profile (None: ``GLMLORA_PROFILE``, else auto)."""
+    profile = _resolve_profile(profile_name)
+    return EnvironmentReport(profile, machine_info(), package_report(profile))
+
+
+class EnvironmentProblem(RuntimeError):
+    """Packages are missing or too old; the message lists each one with the pip command that fixes it."""
+
+
+def problem_message(report: EnvironmentReport) -> str:
+    """Every blocking package, what is wrong, and one pip line that fixes all of them."""
+    lines = [f"{len(report.problems)} package(s) must be installed or changed for the '{report.profile}' profile:"]
+    for p in report.problems:
+        have = f"{p.installed} is installed" if p.installed else "not installed"
+        lines.append(f"  - {p.name}: {p.status} ({have}; need {p.requirement.spec})  ->  {p.fix}")
+    specs = " ".join(f'"{p.requirement.spec}"' for p in report.problems)
+    lines.append(f"Fix them all at once:  pip install -U {specs}")
+    if any(p.name == "torch" for p in report.problems):
+        lines.append("On a GPU machine install torch with CUDA (conda env create -f environment.yml, or the "
+                     "command from pytorch.org), not the CPU wheel.")
+    lines.append("Then restart the Jupyter kernel so the new versions are imported.")
+    return "\n".join(lines)
+
+
+def check_environment(profile_name: str | None = None) -> EnvironmentReport:
+    """Raise :class:`EnvironmentProblem` if a package the profile needs is missing or too old.
+
+    Failing here, with the fix spelled out, beats a confusing ImportError or AttributeError in lesson 05.
+    """
+    report = environment_report(profile_name)
+    if not report.ok:
+        raise EnvironmentProblem(problem_message(report))
+    return report
+
+
+@dataclass(frozen=True)
+class TrainingSuggestion:
+    """Settings that fit a GPU's memory; the effective batch stays 16 so results stay comparable."""
+
+    profile: str
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    max_length: int
+    reason: str
+    precision: str = "bf16"
+
+    @property
+    def effective_batch(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    def overrides(self) -> dict[str, Any]:
+        """Keyword arguments for ``glmlora.training.training_arguments``."""
+        return {"per_device_train_batch_size": self.per_device_train_batch_size,
+                "gradient_accumulation_steps": self.gradient_accumulation_steps}
+
+
+def suggest_training_config(gpu_gib: float | None = None, bf16: bool | None = None) -> TrainingSuggestion:
+    """Batch size, accumulation and max_length for a card of ``gpu_gib`` (None: this machine's GPU 0).
+
+    Cards report a little less than their label (an RTX 3090 "24 GB" shows 23.7 GiB, a quarter A100
+    "20 GB" about 19.5), so the thresholds sit below the labels; below ``MIN_GPU_GIB`` (16) the automatic
+    profile is tiny, and so is the suggestion.  Measured: ChatGLM3-6B LoRA with
+    gradient checkpointing peaks near 14 GiB at bs 4 x 512 tokens; activations grow with bs x length.
+    """
+    from .profiles import MIN_GPU_GIB
+
+    if gpu_gib is None or bf16 is None:
+        info = machine_info()
+        gpu_gib = info.gpu_memory_gib if gpu_gib is None else gpu_gib
+        bf16 = info.bf16 if bf16 is None else bf16
+    precision = "bf16" if bf16 else "fp16 weights + fp32 LoRA (fp16 AMP)"
+    if gpu_gib >= 22:
+        return TrainingSuggestion("full", 4, 4, 1024, f"{gpu_gib:.0f} GB: room for 4 sequences of 1024", precision)
+    if gpu_gib >= 18:
+        return TrainingSuggestion("full", 2, 8, 1024, f"{gpu_gib:.0f} GB: halve the batch, double accumulation",
+                                  precision)
+    if gpu_gib >= MIN_GPU_GIB:
+        return TrainingSuggestion("full", 1, 16, 512, f"{gpu_gib:.0f} GB: one sequence of 512 at a time",
+                                  precision)
+    why = f"{gpu_gib:.0f} GB is too little for the 6B model" if gpu_gib else "no CUDA GPU"
+    return TrainingSuggestion("tiny", 8, 1, 256, f"{why}: learn with the tiny model", "fp32 (CPU)" if not gpu_gib
+                              else precision)
+
+
+__all__ = ["EnvironmentProblem", "EnvironmentReport", "MachineInfo", "PackageStatus", "REQUIREMENTS",
+           "Requirement", "TrainingSuggestion", "check_environment", "environment_report", "installed_version",
+           "machine_info", "package_report", "package_status", "problem_message", "suggest_training_config"]

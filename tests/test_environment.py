@@ -1,0 +1,155 @@
+"""Lesson 01's environment check: versions compared like pip does, every problem named with its fix."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+
+from glmlora import environment
+from glmlora.environment import (EnvironmentProblem, Requirement, check_environment, environment_report,
+                                 package_status, suggest_training_config)
+
+REAL_VERSION = importlib.metadata.version
+
+
+def fake_versions(monkeypatch, **versions: str | None) -> None:
+    """Pretend the given packages have these versions (None: not installed); the rest are real."""
+    def version(name: str) -> str:
+        key = name.replace("-", "_")
+        if key in versions:
+            if versions[key] is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return versions[key]
+        return REAL_VERSION(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+
+
+@pytest.fixture
+def all_ok(monkeypatch):
+    """Every course package at a good version, so a test changes exactly one thing."""
+    fake_versions(monkeypatch, **{r.name: r.minimum for r in environment.REQUIREMENTS})
+
+
+def test_the_real_environment_passes_for_tiny():
+    report = check_environment("tiny")
+    assert report.ok and report.profile == "tiny"
+    assert {p.name for p in report.packages} >= {"torch", "transformers", "peft", "modelscope", "jieba"}
+
+
+def test_local_build_suffix_counts_as_new_enough():
+    req = Requirement("torch", "2.4")
+    status = package_status(req)
+    assert status.installed is not None
+    assert status.status == "ok"
+
+
+def test_missing_package_is_named_with_its_fix(monkeypatch, all_ok):
+    fake_versions(monkeypatch, peft=None)
+    with pytest.raises(EnvironmentProblem) as err:
+        check_environment("tiny")
+    msg = str(err.value)
+    assert "1 package(s)" in msg
+    assert "peft: missing (not installed; need peft>=0.18)" in msg
+    assert 'pip install -U "peft>=0.18"' in msg
+    assert "restart the Jupyter kernel" in msg
+
+
+def test_too_old_package_is_named_with_installed_version(monkeypatch, all_ok):
+    fake_versions(monkeypatch, transformers="4.46.3")
+    with pytest.raises(EnvironmentProblem) as err:
+        check_environment("tiny")
+    msg = str(err.value)
+    assert "transformers: too old (4.46.3 is installed; need transformers>=5.17,<6)" in msg
+    assert 'pip install -U "transformers>=5.17,<6"' in msg
+
+
+def test_every_problem_is_listed_at_once(monkeypatch, all_ok):
+    fake_versions(monkeypatch, torch="2.1.0", datasets=None, sentencepiece="0.1.99")
+    with pytest.raises(EnvironmentProblem) as err:
+        check_environment("tiny")
+    msg = str(err.value)
+    assert msg.startswith("3 package(s)")
+    for name in ("torch: too old", "datasets: missing", "sentencepiece: too old"):
+        assert name in msg
+    assert 'pip install -U "torch>=2.4" "datasets>=4" "sentencepiece>=0.2"' in msg
+    assert "pytorch.org" in msg  # torch needs the CUDA build on a GPU machine, not the default wheel
+
+
+def test_major_version_above_the_tested_range_is_refused(monkeypatch, all_ok):
+    fake_versions(monkeypatch, transformers="6.0.0")
+    with pytest.raises(EnvironmentProblem, match=r"transformers: too new"):
+        check_environment("tiny")
+
+
+def test_modelscope_is_optional_for_tiny_but_required_for_full(monkeypatch, all_ok):
+    fake_versions(monkeypatch, modelscope=None)
+    report = check_environment("tiny")
+    status = {p.name: p for p in report.packages}["modelscope"]
+    assert status.status == "optional" and not status.blocking
+    assert check_environment("full-random").ok
+    with pytest.raises(EnvironmentProblem, match=r'modelscope: missing .*pip install -U "modelscope>=1.20"'):
+        check_environment("full")
+
+
+def test_old_modelscope_does_not_block_tiny(monkeypatch, all_ok):
+    fake_versions(monkeypatch, modelscope="1.9.0")
+    assert check_environment("tiny").ok
+    with pytest.raises(EnvironmentProblem, match="modelscope: too old"):
+        check_environment("full")
+
+
+def test_unreadable_version_does_not_block(monkeypatch, all_ok):
+    fake_versions(monkeypatch, jieba="custom-build")
+    assert {p.name: p.status for p in check_environment("tiny").packages}["jieba"] == "unknown"
+
+
+def test_profile_comes_from_the_environment_variable(monkeypatch):
+    monkeypatch.setenv("GLMLORA_PROFILE", "full-random")
+    assert environment_report().profile == "full-random"
+    with pytest.raises(ValueError, match="GLMLORA_PROFILE"):
+        environment_report("huge")
+
+
+def test_report_renders_tables(monkeypatch, all_ok):
+    fake_versions(monkeypatch, peft="0.10.0")
+    report = environment_report("tiny")
+    md, page = report.to_markdown(), report._repr_html_()
+    assert "| peft | 0.10.0 | >=0.18 | ❌ too old |" in md
+    assert "| Python |" in md and "| CPU cores |" in md
+    assert "<table>" in page and "peft" in page and "too old" in page
+
+
+def test_machine_info_without_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    info = environment.machine_info()
+    assert info.gpu_name is None and info.gpu_memory_gib == 0.0 and not info.bf16
+    assert info.cpu_count >= 1 and info.python.count(".") == 2
+
+
+@pytest.mark.parametrize("gib, bs, ga, length", [(24, 4, 4, 1024), (23.7, 4, 4, 1024), (80, 4, 4, 1024),
+                                                  (20, 2, 8, 1024), (19.5, 2, 8, 1024)])
+def test_suggestion_for_big_cards(gib, bs, ga, length):
+    s = suggest_training_config(gib, bf16=True)
+    assert (s.profile, s.per_device_train_batch_size, s.gradient_accumulation_steps, s.max_length) == \
+        ("full", bs, ga, length)
+    assert s.effective_batch == 16 and s.precision == "bf16"
+    assert s.overrides() == {"per_device_train_batch_size": bs, "gradient_accumulation_steps": ga}
+
+
+def test_suggestion_for_small_cards_is_the_tiny_profile():
+    assert suggest_training_config(8, bf16=False).profile == "tiny"
+    assert suggest_training_config(15.1, bf16=False).profile == "tiny"  # a "16 GB" T4 reports 15.1 GiB
+    assert "no CUDA GPU" in suggest_training_config(0.0, bf16=False).reason
+
+
+def test_suggestion_without_bf16_uses_fp16_with_fp32_lora():
+    assert suggest_training_config(24, bf16=False).precision.startswith("fp16 weights + fp32 LoRA")
+
+
+def test_suggestion_between_16_and_20_gb_shortens_sequences():
+    s = suggest_training_config(16.0, bf16=True)
+    assert (s.profile, s.per_device_train_batch_size, s.max_length, s.effective_batch) == ("full", 1, 512, 16)
