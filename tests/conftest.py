@@ -52,14 +52,14 @@ def memorised(tiny_original, tmp_path_factory):
     from glmlora.training import add_lora, collator, training_arguments
 
     singles = [r for r in load_records(sample_data_path()) if "messages" not in r]
-    records = sorted(singles, key=lambda r: len(r["output"]) + len(r["input"]))[:6]
+    records = sorted(singles, key=lambda r: len(r["output"]) + len(r["input"]) + len(r.get("system", "")))[:6]
     native = ensure_native(tiny_original)
     tok = load_tokenizer(native)
     torch.manual_seed(0)
     model = add_lora(load_model(native, dtype=torch.float32), lora_config(r=16, alpha=32, dropout=0.0,
                                                                           target_modules=ALL_LINEAR_TARGETS))
     ds, _ = tokenize_records(records, tok, max_length=128)
-    args = training_arguments(tmp_path_factory.mktemp("run"), per_device_train_batch_size=6, num_train_epochs=60,
+    args = training_arguments(tmp_path_factory.mktemp("run"), per_device_train_batch_size=6, num_train_epochs=150,
                               learning_rate=1e-2, logging_steps=5, save_strategy="no", warmup_steps=0,
                               disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator(tok), processing_class=tok)

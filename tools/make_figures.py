@@ -1,0 +1,613 @@
+"""Draw the course's explanatory figures into ``images/`` (matplotlib only; no network, no model, no GPU).
+
+Re-run from the repository root whenever a figure needs to change::
+
+    .venv/bin/python tools/make_figures.py            # all four figures
+    .venv/bin/python tools/make_figures.py lora       # only images/lora.png (names: see FIGURES)
+
+Figures written (about 1500-1600 px wide, 150 dpi, white background):
+
+* ``data_flow.png``        -- the course pipeline, notebook by notebook (02 download ... 06 reload & chat)
+* ``label_mask.png``       -- which tokens of a conversation are training targets (DESIGN.md section 2.5)
+* ``original_vs_fixed.png`` -- role markers as text vs by id, and padding to 512 vs to the batch's longest
+* ``lora.png``             -- W + (alpha/r) * B A, with ChatGLM3-6B's numbers
+
+The output is deterministic.  Chinese token pieces need a CJK font (e.g. ``apt-get install fonts-noto-cjk``);
+without one the script draws English stand-ins instead and says so.  Set ``GLMLORA_FIG_NO_CJK=1`` to force
+the English version.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle  # noqa: E402
+
+OUT_DIR = Path(__file__).resolve().parent.parent / "images"
+DPI = 150
+
+# One palette for every figure.
+INK = "#212121"
+MUTED = "#616161"
+GREY_FILL, GREY_EDGE = "#E6E6E6", "#9E9E9E"
+GREEN_FILL, GREEN_EDGE, GREEN_INK = "#C8E6C9", "#43A047", "#1B5E20"
+BLUE_FILL, BLUE_EDGE, BLUE_INK = "#DCEBFA", "#1E88E5", "#0D47A1"
+ORANGE_FILL, ORANGE_EDGE, ORANGE_INK = "#FFE6C7", "#FB8C00", "#B34700"
+RED_INK = "#C62828"
+PURPLE_FILL, PURPLE_EDGE = "#EDE3F6", "#8E5CC2"
+ARTIFACT_FILL, ARTIFACT_EDGE = "#F5F5F5", "#757575"
+
+SANS = ["DejaVu Sans"]
+MONO = ["DejaVu Sans Mono"]
+
+_CJK_NAMES = (
+    "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "Source Han Sans CN", "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei", "Sarasa Gothic SC", "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC",
+    "Hiragino Sans GB", "Noto Sans CJK JP", "Noto Sans CJK TC", "Arial Unicode MS", "Droid Sans Fallback",
+    "AR PL UMing CN", "AR PL UKai CN",
+)
+_CJK_FILE_HINTS = ("cjk", "wqy", "wenquanyi", "simhei", "msyh", "sourcehan", "droidsansfallback", "uming",
+                   "ukai", "notosanssc", "sarasa", "pingfang", "hiragino")
+
+
+def find_cjk_font() -> str | None:
+    """The family name of an installed font that renders Chinese, or None.
+
+    matplotlib's font cache may predate a font installed later, so font files that look like CJK fonts are
+    registered directly before giving up.
+    """
+    if os.environ.get("GLMLORA_FIG_NO_CJK"):
+        return None
+
+    def known() -> str | None:
+        names = {f.name for f in font_manager.fontManager.ttflist}
+        return next((n for n in _CJK_NAMES if n in names), None)
+
+    name = known()
+    if name:
+        return name
+    for path in sorted(font_manager.findSystemFonts()):
+        if any(h in os.path.basename(path).lower() for h in _CJK_FILE_HINTS):
+            try:
+                font_manager.fontManager.addfont(path)
+            except Exception:  # an unreadable font file is simply skipped
+                pass
+    return known()
+
+
+def setup_fonts() -> bool:
+    """Configure matplotlib; returns True when Chinese text can be drawn."""
+    cjk = find_cjk_font()
+    if cjk:
+        SANS.append(cjk)
+        MONO.append(cjk)
+    plt.rcParams.update({
+        "font.family": SANS,
+        "font.size": 10,
+        "figure.facecolor": "white",
+        "axes.facecolor": "white",
+        "savefig.facecolor": "white",
+        "axes.unicode_minus": True,
+    })
+    return cjk is not None
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def canvas(width_in: float, height_in: float):
+    """A figure whose single axes is measured in inches from the bottom-left corner."""
+    fig = plt.figure(figsize=(width_in, height_in), dpi=DPI)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, width_in)
+    ax.set_ylim(0, height_in)
+    ax.set_axis_off()
+    return fig, ax
+
+
+def save(fig, name: str) -> Path:
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / name
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def rbox(ax, x, y, w, h, fill, edge, lw=1.4, pad=0.04, rounding=0.08, ls="-", z=2):
+    patch = FancyBboxPatch((x, y), w, h, boxstyle=f"round,pad={pad},rounding_size={rounding}",
+                           facecolor=fill, edgecolor=edge, linewidth=lw, linestyle=ls, zorder=z)
+    ax.add_patch(patch)
+    return patch
+
+
+def arrow(ax, start, end, color=MUTED, lw=1.8, style="-|>", rad=0.0, z=3, ms=14):
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle=style, mutation_scale=ms, color=color, lw=lw,
+                                 connectionstyle=f"arc3,rad={rad}", zorder=z, shrinkA=0, shrinkB=0))
+
+
+def badge(ax, x, y, text, color, r=0.17):
+    ax.add_patch(plt.Circle((x, y), r, facecolor=color, edgecolor="white", linewidth=1.5, zorder=6))
+    ax.text(x, y, text, ha="center", va="center", color="white", fontsize=8.5, fontweight="bold", zorder=7)
+
+
+# ----------------------------------------------------------------------------------------------- data_flow
+
+def fig_data_flow(cjk: bool) -> Path:
+    W, H = 10.7, 5.9
+    fig, ax = canvas(W, H)
+    ax.text(0.25, H - 0.33, "The glmlora pipeline: from the ModelScope download to a chatting counselor",
+            fontsize=14, fontweight="bold", color=INK, va="center")
+
+    def node(x, y, w, h, title, body, nb, kind):
+        fill, edge, ink = {
+            "step": (BLUE_FILL, BLUE_EDGE, BLUE_INK),
+            "disk": (ARTIFACT_FILL, ARTIFACT_EDGE, INK),
+            "data": (ORANGE_FILL, ORANGE_EDGE, ORANGE_INK),
+            "lora": (GREEN_FILL, GREEN_EDGE, GREEN_INK),
+        }[kind]
+        rbox(ax, x, y, w, h, fill, edge, ls="--" if kind == "disk" else "-")
+        ax.text(x + w / 2, y + h - 0.2, title, ha="center", va="center", fontsize=9.8, fontweight="bold",
+                color=ink, zorder=5)
+        ax.text(x + w / 2, (y + y + h - 0.38) / 2, body, ha="center", va="center", fontsize=7.9, color=INK,
+                zorder=5, linespacing=1.35)
+        if nb:
+            badge(ax, x + 0.02, y + h + 0.02, nb, edge)
+        return (x, y, w, h)
+
+    def right(b, y=None):
+        return (b[0] + b[2] + 0.07, b[1] + b[3] / 2 if y is None else y)
+
+    def left(b, y=None):
+        return (b[0] - 0.07, b[1] + b[3] / 2 if y is None else y)
+
+    bw, gap = 1.52, 0.25
+    xs = [0.25 + i * (bw + gap) for i in range(6)]
+    top_y, top_h = 3.1, 1.75
+    bot_y, bot_h = 0.62, 1.5
+
+    a = node(xs[0], top_y, bw, top_h, "Download",
+             "snapshot_download(\n'ZhipuAI/chatglm3-6b')\n≈ 12.5 GB, original layout:\n"
+             "config.json\n(model_type chatglm)\n7 × pytorch_model-*.bin\ntokenizer.model", "02", "step")
+    b = node(xs[1], top_y, bw, top_h, "Convert once",
+             "fused query_key_value\nsplit by rows into\nq_proj · k_proj · v_proj;\n"
+             "keys renamed:\ntransformer.encoder.layers\n→ model.layers", "02", "step")
+    c = node(xs[2], top_y, bw, top_h, "Native model dir",
+             "GlmForCausalLM\n(model_type glm)\n*.safetensors\ngeneration_config.json\n"
+             "stop ids [2, 64795, 64797]", "02", "disk")
+    d = node(xs[0], bot_y, bw, bot_h, "Instruction data",
+             'records {"system",\n"input", "output"}\ncounselor dialogues\ntrain / val split', "03", "data")
+    e = node(xs[1], bot_y, bw, bot_h, "process_func",
+             "[gMASK] sop + messages\n(role tokens by id) + eos;\nlabels −100 except\nthe targets", "04",
+             "step")
+    f = node(xs[2], bot_y, bw, bot_h, "Tensors",
+             "input_ids\nlabels (−100 = ignored)\ntruncated to\nthe max length", "04", "data")
+    g_y = f[1] + f[3] / 2 - 0.35
+    g_top = c[1] + c[3] / 2 + 0.35
+    g = node(xs[3], g_y, bw, g_top - g_y, "LoRA training",
+             "base model, frozen\n(bf16 where supported)\n\n+ LoRA adapters (peft)\non q_proj, k_proj, v_proj\n"
+             "r 8 · α 32\n\nTrainer + a collator\nthat pads to the\nbatch's longest", "05", "lora")
+    h_mid = top_y + 0.1
+    h = node(xs[4], h_mid - 0.72, bw, 1.44, "Adapter dir",
+             "adapter_config.json\nadapter_model.safetensors\n≈ 3.8 M parameters\n(0.06 % of 6.24 B)", "05",
+             "disk")
+    i = node(xs[5], top_y, bw, top_h, "Reload",
+             "native base model\n+ PeftModel\n.from_pretrained(\n    adapter_dir)", "06", "step")
+    j = node(xs[5], 1.9, bw, 0.86, "Merge", "merge_and_unload()\nW ← W + (α/r)·B·A", "06", "step")
+    k = node(xs[5], bot_y, bw, 0.95, "Chat / export", "stop ids, history,\nchat box;\nsave merged model", "06", "step")
+
+    arrow(ax, right(a), left(b))
+    arrow(ax, right(b), left(c))
+    arrow(ax, right(d), left(e))
+    arrow(ax, right(e), left(f))
+    arrow(ax, right(c), left(g, c[1] + c[3] / 2))
+    arrow(ax, right(f), left(g, f[1] + f[3] / 2))
+    arrow(ax, right(g, h_mid), left(h, h_mid))
+    arrow(ax, right(h, i[1] + 0.35), left(i, i[1] + 0.35))
+    arrow(ax, (i[0] + bw / 2, i[1] - 0.07), (j[0] + bw / 2, j[1] + j[3] + 0.1))
+    arrow(ax, (j[0] + bw / 2, j[1] - 0.07), (k[0] + bw / 2, k[1] + k[3] + 0.1))
+    # the same base model is reused at reload time
+    ax.annotate("", xy=(i[0] + 0.45, i[1] + i[3] + 0.08), xytext=(c[0] + c[2] - 0.45, c[1] + c[3] + 0.08),
+                arrowprops=dict(arrowstyle="-|>", color=ARTIFACT_EDGE, lw=1.3, ls=(0, (4, 3)),
+                                connectionstyle="arc3,rad=-0.1", mutation_scale=12), zorder=1)
+    ax.text((c[0] + c[2] + i[0]) / 2, c[1] + c[3] + 0.36, "the same base model, reloaded",
+            ha="center", va="bottom", fontsize=8.5, color=MUTED, style="italic")
+    # legend
+    ly = 0.2
+    lx = 0.3
+    for label, fill, edge, ls in (("a step", BLUE_FILL, BLUE_EDGE, "-"), ("files on disk", ARTIFACT_FILL,
+                                  ARTIFACT_EDGE, "--"), ("instruction data", ORANGE_FILL, ORANGE_EDGE, "-"),
+                                  ("LoRA", GREEN_FILL, GREEN_EDGE, "-")):
+        ax.add_patch(Rectangle((lx, ly - 0.08), 0.26, 0.16, facecolor=fill, edgecolor=edge, ls=ls, lw=1.2))
+        ax.text(lx + 0.33, ly, label, va="center", fontsize=8.5, color=INK)
+        lx += 0.45 + 0.075 * len(label) + 0.25
+    badge(ax, lx + 0.1, ly, "NN", MUTED, r=0.13)
+    ax.text(lx + 0.3, ly, "= the notebook that covers it", va="center", fontsize=8.5, color=INK)
+    return save(fig, "data_flow.png")
+
+
+# ----------------------------------------------------------------------------------------------- label_mask
+
+def conversation(cjk: bool) -> list[tuple[str, str | None, bool]]:
+    """(piece, owning role or None, is special) for the schematic conversation."""
+    zh = {"sys": ["你是", "咨询师"], "u1": ["我", "睡不着"], "a1": ["试试", "深呼吸"], "u2": ["谢谢"],
+          "a2": ["不客气"]}
+    en = {"sys": ["You are", "a counselor"], "u1": ["I", "can't sleep"], "a1": ["Try", "breathing"],
+          "u2": ["Thanks"], "a2": ["Welcome"]}
+    t = zh if cjk else en
+    out: list[tuple[str, str | None, bool]] = [("[gMASK]", None, True), ("sop", None, True)]
+
+    def msg(role, pieces):
+        out.append((f"<|{role}|>", role, True))
+        out.append(("\\n", role, False))
+        out.extend((p, role, False) for p in pieces)
+
+    msg("system", t["sys"])
+    msg("user", t["u1"])
+    msg("assistant", t["a1"])
+    msg("user", t["u2"])
+    msg("assistant", t["a2"])
+    out.append(("eos", None, True))
+    return out
+
+
+def targets_of(tokens) -> list[bool]:
+    """DESIGN.md 2.5: a token is a target when the token just before it belongs to an assistant message."""
+    return [i > 0 and tokens[i - 1][1] == "assistant" for i in range(len(tokens))]
+
+
+def fig_label_mask(cjk: bool) -> Path:
+    tokens = conversation(cjk)
+    is_target = targets_of(tokens)
+    W, H = 10.6, 7.4
+    fig, ax = canvas(W, H)
+    ax.text(0.3, H - 0.35, "Which tokens does the model learn?  input_ids and labels of one conversation",
+            fontsize=14, fontweight="bold", color=INK, va="center")
+    rbox(ax, 0.3, H - 1.12, W - 0.6, 0.42, "#F3F8F3", GREEN_EDGE, lw=1.2)
+    ax.text(W / 2, H - 0.91, "Rule: a token is a target when the PREVIOUS token belongs to an assistant message",
+            ha="center", va="center", fontsize=12, fontweight="bold", color=GREEN_INK)
+    # legend
+    ly = H - 1.52
+    ax.add_patch(Rectangle((0.35, ly - 0.11), 0.3, 0.22, facecolor=GREY_FILL, edgecolor=GREY_EDGE))
+    ax.text(0.72, ly, "label −100: prompt / special token, ignored by the loss", va="center", fontsize=9.5)
+    ax.add_patch(Rectangle((5.35, ly - 0.11), 0.3, 0.22, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE))
+    ax.text(5.72, ly, "target: label = the token's own id (the model shifts by one inside)", va="center",
+            fontsize=9.5)
+
+    def width(piece, special):
+        per = 0.102 if special else (0.095 if piece.isascii() else 0.17)
+        return max(0.48, len(piece) * per + 0.22)
+
+    split = next(n for n, t in enumerate(tokens) if t[1] == "assistant")  # row 2 starts at <|assistant|>
+    rows = [range(0, split), range(split, len(tokens))]
+    row_y = [H - 2.9, H - 4.95]
+    cell_h = 0.55
+    centers: dict[int, tuple[float, float]] = {}
+    role_color = {"system": PURPLE_EDGE, "user": ORANGE_EDGE, "assistant": GREEN_EDGE}
+    role_name = {"system": "system message", "user": "user message", "assistant": "assistant message"}
+    for r, idx in enumerate(rows):
+        y = row_y[r]
+        x = 0.45
+        spans: list[list] = []
+        for n in idx:
+            piece, role, special = tokens[n]
+            w = width(piece, special)
+            tgt = is_target[n]
+            ax.add_patch(Rectangle((x, y), w, cell_h, facecolor=GREEN_FILL if tgt else GREY_FILL,
+                                   edgecolor=GREEN_EDGE if tgt else GREY_EDGE, linewidth=1.6 if tgt else 1.0,
+                                   zorder=3))
+            ax.text(x + w / 2, y + cell_h / 2, piece, ha="center", va="center", zorder=4,
+                    fontsize=10.5, family=MONO if special or piece == "\\n" else SANS,
+                    fontweight="bold" if special else "normal", color=INK)
+            ax.text(x + w / 2, y + cell_h + 0.1, str(n), ha="center", va="bottom", fontsize=7, color=MUTED)
+            label = f"= {piece}" if tgt else "−100"
+            ax.text(x + w / 2, y - 0.12, label, ha="center", va="top", fontsize=9.2,
+                    family=MONO if (special or piece == "\\n" or not tgt) else SANS,
+                    color=GREEN_INK if tgt else MUTED, fontweight="bold" if tgt else "normal")
+            centers[n] = (x + w / 2, y)
+            if spans and spans[-1][0] == role and role is not None and not (special and role):
+                spans[-1][2] = x + w
+            elif role is not None:
+                spans.append([role, x, x + w])
+            else:
+                spans.append([None, x, x + w])
+            x += w + 0.06
+        ax.text(0.12, y + cell_h / 2, "input", ha="center", va="center", fontsize=7.5, color=MUTED, rotation=90)
+        ax.text(0.12, y - 0.25, "label", ha="center", va="center", fontsize=7.5, color=MUTED, rotation=90)
+        # brackets above each message
+        for role, x0, x1 in spans:
+            if role is None:
+                continue
+            by = y + cell_h + 0.36
+            col = role_color[role]
+            ax.plot([x0 + 0.02, x0 + 0.02, x1 - 0.02, x1 - 0.02], [by - 0.07, by, by, by - 0.07], color=col, lw=1.6)
+            ax.text((x0 + x1) / 2, by + 0.06, role_name[role], ha="center", va="bottom", fontsize=8.5, color=col,
+                    fontweight="bold")
+        if r == 0:
+            ax.text(x + 0.05, y + cell_h / 2, "…continues ↓", va="center", fontsize=8.5, color=MUTED)
+
+    # row 1: nothing is learned from the prefix, the system or the user message
+    y1 = row_y[0] - 0.5
+    x_first, x_last = centers[0][0] - 0.2, centers[rows[0][-1]][0] + 0.2
+    ax.plot([x_first, x_first, x_last, x_last], [y1 + 0.07, y1, y1, y1 + 0.07], color=MUTED, lw=1.4)
+    ax.text((x_first + x_last) / 2, y1 - 0.1, "prefix, system and user tokens are never targets: "
+            "the model reads them, it does not learn to write them", ha="center", va="top", fontsize=9.2,
+            color=MUTED)
+
+    # row 2: numbered markers under the cells, explained below
+    assistant_idx = [n for n, t in enumerate(tokens) if t[0] == "<|assistant|>"]
+    nl_idx = [n + 1 for n in assistant_idx]
+    after_reply = [n for n in range(1, len(tokens)) if is_target[n] and tokens[n][2]]  # <|user|> and eos
+    notes = [
+        (assistant_idx, "1", RED_INK, "<|assistant|> itself is NOT a target: the prompt supplies it "
+                                      "(the token before it belongs to the user)"),
+        (nl_idx, "2", GREEN_INK, "the \\n right after <|assistant|> IS a target (the reply's empty metadata "
+                                 "line)"),
+        (after_reply, "3", GREEN_INK, "the token after each reply IS a target: <|user|> in the middle, eos at "
+                                      "the end — the model learns to stop"),
+    ]
+    my = row_y[1] - 0.62
+    for idx, mark, color, _ in notes:
+        for n in idx:
+            badge(ax, centers[n][0], my, mark, color, r=0.14)
+    ny = my - 0.48
+    for _, mark, color, text in notes:
+        badge(ax, 0.62, ny, mark, color, r=0.14)
+        ax.text(0.88, ny, text, va="center", fontsize=9.6, color=color)
+        ny -= 0.37
+
+    foot = ("Every assistant turn is trained (multi-turn).  Sequence = [gMASK] sop + messages + eos; "
+            "one message = <|role|> + \"\\n\" + content.")
+    ax.text(W / 2, 0.25, foot, ha="center", va="center", fontsize=8.8, color=MUTED)
+    if not cjk:
+        ax.text(W - 0.3, H - 0.35, "(English stand-ins: no CJK font found)", ha="right", va="center", fontsize=7,
+                color=MUTED)
+    return save(fig, "label_mask.png")
+
+
+# ----------------------------------------------------------------------------------------------- original_vs_fixed
+
+def fig_original_vs_fixed(cjk: bool) -> Path:
+    W, H = 10.6, 7.4
+    fig, ax = canvas(W, H)
+    ax.text(W / 2, H - 0.32, "Two pitfalls of the original tutorial, and what glmlora does instead",
+            ha="center", va="center", fontsize=14, fontweight="bold", color=INK)
+    colx = [0.3, W / 2 + 0.15]
+    colw = W / 2 - 0.45
+    for x, title, fill, edge, ink in ((colx[0], "original tutorial", ORANGE_FILL, ORANGE_EDGE, ORANGE_INK),
+                                      (colx[1], "glmlora", GREEN_FILL, GREEN_EDGE, GREEN_INK)):
+        rbox(ax, x, H - 1.02, colw, 0.36, fill, edge, lw=1.4)
+        ax.text(x + colw / 2, H - 0.84, title, ha="center", va="center", fontsize=12.5, fontweight="bold",
+                color=ink)
+    ax.plot([W / 2, W / 2], [0.25, H - 1.1], color="#D0D0D0", lw=1.0)
+
+    # ---- row 1: role markers
+    ry = H - 1.45
+    for x in colx:
+        ax.text(x, ry, "1 · How the role marker reaches the model", fontsize=10.5, fontweight="bold", color=INK,
+                va="center")
+    user_text = "我睡不着" if cjk else "I can't sleep"
+    # left
+    x0 = colx[0]
+    code_l = f'prompt = "<|system|>\\n…<|user|>\\n"\n         + "{user_text}" + "<|assistant|>"\ntokenizer(prompt)'
+    rbox(ax, x0 + 0.05, ry - 1.12, colw - 0.1, 0.78, "#FAFAFA", "#BDBDBD", lw=1.0, rounding=0.05)
+    ax.text(x0 + 0.18, ry - 0.42, code_l, va="top", family=MONO, fontsize=8.7, color=INK, linespacing=1.45)
+    ax.text(x0 + 0.05, ry - 1.42, '"<|user|>" as TEXT is split into ordinary pieces:', fontsize=9.2,
+            va="center", color=INK)
+    pieces = ["<", "|", "user", "|", ">"]
+    px, py = x0 + 0.3, ry - 2.05
+    for p in pieces:
+        w = 0.32 if len(p) == 1 else 0.62
+        ax.add_patch(Rectangle((px, py), w, 0.42, facecolor=ORANGE_FILL, edgecolor=ORANGE_EDGE, lw=1.3))
+        ax.text(px + w / 2, py + 0.21, p, ha="center", va="center", family=MONO, fontsize=11, fontweight="bold")
+        px += w + 0.07
+    ax.text(px + 0.1, py + 0.21, "5 ordinary\ntext tokens", va="center", fontsize=9, color=ORANGE_INK)
+    ax.text(x0 + 0.05, py - 0.2, "✗ the model never saw a role switch written this way, so training\n"
+            "   and chat use a format ChatGLM3 did not learn", va="top", fontsize=9, color=RED_INK,
+            linespacing=1.35)
+    # right
+    x1 = colx[1]
+    code_r = 'ids = [tok.user_id]          # 64795\n    + sp.encode("\\n")\n    + sp.encode(text)'
+    rbox(ax, x1 + 0.05, ry - 1.12, colw - 0.1, 0.78, "#FAFAFA", "#BDBDBD", lw=1.0, rounding=0.05)
+    ax.text(x1 + 0.18, ry - 0.42, code_r, va="top", family=MONO, fontsize=8.7, color=INK, linespacing=1.45)
+    ax.text(x1 + 0.05, ry - 1.42, "the role token is inserted BY ID:", fontsize=9.2, va="center", color=INK)
+    px = x1 + 0.3
+    ax.add_patch(Rectangle((px, py), 1.15, 0.42, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE, lw=1.6))
+    ax.text(px + 0.575, py + 0.21, "<|user|>", ha="center", va="center", family=MONO, fontsize=11,
+            fontweight="bold")
+    ax.text(px + 0.575, py + 0.52, "id 64795", ha="center", va="center", fontsize=8.5, color=GREEN_INK,
+            fontweight="bold")
+    ax.text(px + 1.35, py + 0.21, "1 special token", va="center", fontsize=9, color=GREEN_INK)
+    ax.text(x1 + 0.05, py - 0.2, "✓ exactly the format ChatGLM3 was trained on; and a user who types\n"
+            '   "<|user|>" only produces harmless text pieces (no role injection)', va="top", fontsize=9,
+            color=GREEN_INK, linespacing=1.35)
+
+    # ---- row 2: padding
+    ry2 = H - 4.25
+    for x in colx:
+        ax.text(x, ry2, "2 · Padding a batch of 4 samples (120, 95, 160, 140 real tokens)", fontsize=10.5,
+                fontweight="bold", color=INK, va="center")
+    lengths = [120, 95, 160, 140]
+    real = sum(lengths)
+    scale = (colw - 0.9) / 512
+    bar_h, bar_gap = 0.3, 0.14
+
+    def bars(x, pad_to, note_color):
+        top = ry2 - 0.45
+        for n, L in enumerate(lengths):
+            y = top - (n + 1) * bar_h - n * bar_gap
+            ax.add_patch(Rectangle((x + 0.45, y), L * scale, bar_h, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE,
+                                   lw=1.0))
+            ax.add_patch(Rectangle((x + 0.45 + L * scale, y), (pad_to - L) * scale, bar_h, facecolor="#CFCFCF",
+                                   edgecolor=GREY_EDGE, lw=1.0, hatch="///" if pad_to == 512 else None))
+            if pad_to < 512:
+                ax.add_patch(Rectangle((x + 0.45 + pad_to * scale, y), (512 - pad_to) * scale, bar_h,
+                                       facecolor="none", edgecolor="#BDBDBD", lw=0.8, ls=(0, (3, 3))))
+            ax.text(x + 0.38, y + bar_h / 2, str(L), ha="right", va="center", fontsize=8.5, color=INK)
+        base_y = top - 4 * bar_h - 3 * bar_gap
+        for tick in (0, 128, 256, 384, 512):
+            tx = x + 0.45 + tick * scale
+            ax.plot([tx, tx], [base_y - 0.05, base_y - 0.1], color=MUTED, lw=0.8)
+            ax.text(tx, base_y - 0.14, str(tick), ha="center", va="top", fontsize=7.5, color=MUTED)
+        ax.text(x + 0.45 + 256 * scale, base_y - 0.38, "tokens per sample", ha="center", va="top", fontsize=8,
+                color=MUTED)
+        return base_y
+
+    base_y = bars(colx[0], 512, RED_INK)
+    total = 4 * 512
+    ax.text(colx[0] + 0.05, base_y - 0.72,
+            f"every sample padded to max_length 512: {real} real of {total:,} tokens\n"
+            f"= {100 * real / total:.0f} % real; {100 * (1 - real / total):.0f} % of the batch is padding "
+            "(hatched grey)\nthat still goes through the model", va="top", fontsize=9, color=RED_INK,
+            linespacing=1.35)
+    base_y = bars(colx[1], 160, GREEN_INK)
+    total = 4 * 160
+    ax.text(colx[1] + 0.05, base_y - 0.72,
+            f"padded only to the batch's longest (160; the collator rounds up\nto a multiple of 8): {real} real "
+            f"of {total} tokens = {100 * real / total:.0f} % real;\ndashed = tokens that are no longer computed",
+            va="top", fontsize=9, color=GREEN_INK, linespacing=1.35)
+    # legend for bars
+    ly = 0.3
+    ax.add_patch(Rectangle((0.35, ly - 0.09), 0.28, 0.18, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE))
+    ax.text(0.7, ly, "real tokens", va="center", fontsize=8.5)
+    ax.add_patch(Rectangle((1.85, ly - 0.09), 0.28, 0.18, facecolor="#CFCFCF", edgecolor=GREY_EDGE, hatch="///"))
+    ax.text(2.2, ly, "padding (computed, then ignored)", va="center", fontsize=8.5)
+    return save(fig, "original_vs_fixed.png")
+
+
+# ----------------------------------------------------------------------------------------------- lora
+
+def fig_lora(cjk: bool) -> Path:
+    W, H = 10.6, 6.9
+    fig, ax = canvas(W, H)
+    ax.text(W / 2, H - 0.35, "LoRA: keep W frozen, learn a small low-rank update",
+            ha="center", va="center", fontsize=14, fontweight="bold", color=INK)
+    ax.text(W / 2, H - 0.8, "h  =  W x  +  (α / r) · B A x", ha="center", va="center", fontsize=15,
+            family=MONO, color=INK)
+
+    # matrices (r drawn much wider than to scale so it is visible)
+    S = 2.6
+    wy = 2.45
+    wx = 0.6
+    ax.add_patch(Rectangle((wx, wy), S, S, facecolor="#DADDE3", edgecolor="#5F6B7A", lw=1.8, hatch=".."))
+    ax.text(wx + S / 2, wy + S / 2 + 0.28, "W", ha="center", va="center", fontsize=26, fontweight="bold",
+            color="#37474F")
+    ax.text(wx + S / 2, wy + S / 2 - 0.28, "frozen", ha="center", va="center", fontsize=11,
+            color="#37474F", bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.85))
+    ax.text(wx + S / 2, wy - 0.15, "d × d", ha="center", va="top", fontsize=10.5, family=MONO)
+    ax.text(wx + S / 2, wy - 0.45, "q_proj: 4096 × 4096\n= 16,777,216 weights", ha="center", va="top",
+            fontsize=9.5, color=MUTED, linespacing=1.3)
+
+    ax.text(wx + S + 0.4, wy + S / 2, "+", ha="center", va="center", fontsize=26, color=INK)
+    ax.text(wx + S + 1.15, wy + S / 2, "α / r ×", ha="center", va="center", fontsize=13, color=INK,
+            family=MONO)
+    bx, bwid = wx + S + 1.85, 0.38
+    ax.add_patch(Rectangle((bx, wy), bwid, S, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE, lw=1.8))
+    ax.text(bx + bwid / 2, wy + S / 2, "B", ha="center", va="center", fontsize=20, fontweight="bold",
+            color=GREEN_INK)
+    ax.text(bx + bwid / 2, wy - 0.15, "d × r", ha="center", va="top", fontsize=10.5, family=MONO)
+    ax.text(bx + bwid / 2, wy - 0.45, "4096 × 8\n= 32,768\nstarts at 0", ha="center", va="top", fontsize=9.5,
+            color=MUTED, linespacing=1.3)
+    ax.text(bx + bwid + 0.28, wy + S / 2, "·", ha="center", va="center", fontsize=26, color=INK)
+    ax_x, ahgt = bx + bwid + 0.56, 0.38
+    ay = wy + S - ahgt
+    ax.add_patch(Rectangle((ax_x, ay), S, ahgt, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE, lw=1.8))
+    ax.text(ax_x + S / 2, ay + ahgt / 2, "A", ha="center", va="center", fontsize=20, fontweight="bold",
+            color=GREEN_INK)
+    ax.text(ax_x + S / 2, ay - 0.12, "r × d", ha="center", va="top", fontsize=10.5, family=MONO)
+    ax.text(ax_x + S / 2, ay - 0.42, "8 × 4096 = 32,768\nrandom start", ha="center", va="top", fontsize=9.5,
+            color=MUTED, linespacing=1.3)
+    ax.text(ax_x + S / 2, wy + 0.55, "B · A has the shape of W\n(d × d) but rank ≤ r,\nso it costs only\n"
+            "2 · d · r numbers", ha="center", va="center", fontsize=9.5, color=GREEN_INK, linespacing=1.3)
+    # trainable bracket
+    ax.plot([bx, bx, ax_x + S, ax_x + S], [wy + S + 0.12, wy + S + 0.22, wy + S + 0.22, wy + S + 0.12],
+            color=GREEN_EDGE, lw=1.6)
+    ax.text((bx + ax_x + S) / 2, wy + S + 0.3, "trainable", ha="center", va="bottom", fontsize=10.5,
+            color=GREEN_INK, fontweight="bold")
+    ax.plot([wx, wx, wx + S, wx + S], [wy + S + 0.12, wy + S + 0.22, wy + S + 0.22, wy + S + 0.12],
+            color="#5F6B7A", lw=1.6)
+    ax.text(wx + S / 2, wy + S + 0.3, "from the base model", ha="center", va="bottom", fontsize=10.5,
+            color="#37474F", fontweight="bold")
+
+    # numbers panel
+    px, pw = ax_x + S + 0.35, W - (ax_x + S + 0.35) - 0.3
+    py, ph = wy - 0.2, S + 0.6
+    rbox(ax, px, py, pw, ph, "#F6FAF6", GREEN_EDGE, lw=1.2)
+    lines = [
+        ("ChatGLM3-6B q_proj, r = 8", INK, "bold"),
+        ("trainable  65,536", GREEN_INK, "bold"),
+        ("frozen     16.8 M", "#37474F", "bold"),
+        ("= 0.39 % of the layer", MUTED, "normal"),
+        ("", INK, "normal"),
+        ("scale α / r = 32 / 8 = 4", INK, "normal"),
+        ("", INK, "normal"),
+        ("q, k, v in all 28 layers:", INK, "normal"),
+        ("≈ 3.8 M trainable of", GREEN_INK, "normal"),
+        ("6.24 B  (0.06 %)", GREEN_INK, "normal"),
+    ]
+    ty = py + ph - 0.25
+    for text, color, weight in lines:
+        ax.text(px + 0.15, ty, text, va="center", fontsize=9.6, color=color, fontweight=weight,
+                family=MONO if text.startswith(("trainable", "frozen")) else SANS)
+        ty -= 0.29
+
+    # fused qkv -> q/k/v strip
+    sy = 0.95
+    ax.text(0.6, sy + 0.92, "On the native GlmForCausalLM the original fused query_key_value is three layers "
+            "— target q_proj, k_proj, v_proj:", fontsize=10, color=INK, va="center", fontweight="bold")
+    total = 4608
+    sx, sw = 0.6, W - 1.2
+    parts = [("q_proj  4096 × 4096", 4096, BLUE_FILL, BLUE_EDGE), ("k_proj", 256, PURPLE_FILL, PURPLE_EDGE),
+             ("v_proj", 256, ORANGE_FILL, ORANGE_EDGE)]
+    ax.text(sx, sy + 0.55, "query_key_value  (4608 × 4096, original)  split by rows →", fontsize=9, color=MUTED,
+            va="center", family=MONO)
+    cx = sx
+    for name, rows, fill, edge in parts:
+        w = sw * rows / total
+        ax.add_patch(Rectangle((cx, sy), w, 0.36, facecolor=fill, edgecolor=edge, lw=1.4))
+        if rows > 1000:
+            ax.text(cx + w / 2, sy + 0.18, name, ha="center", va="center", fontsize=9.5, family=MONO)
+        cx += w
+    kx = sx + sw * 4096 / total
+    ax.annotate("k_proj 256 × 4096", xy=(kx + sw * 128 / total, sy), xytext=(kx - 1.9, sy - 0.38),
+                fontsize=9, family=MONO, va="center", ha="center",
+                arrowprops=dict(arrowstyle="-", color=PURPLE_EDGE, lw=1.0))
+    ax.annotate("v_proj 256 × 4096", xy=(kx + sw * 384 / total, sy), xytext=(kx + 0.1, sy - 0.38),
+                fontsize=9, family=MONO, va="center", ha="center",
+                arrowprops=dict(arrowstyle="-", color=ORANGE_EDGE, lw=1.0))
+    ax.text(0.6, 0.18, "A LoRA trained on the fused layer converts exactly (same A, B split by rows); "
+            "training on q/k/v directly learns three separate A's.", fontsize=8.8, color=MUTED, va="center")
+    return save(fig, "lora.png")
+
+
+FIGURES = {
+    "data_flow": fig_data_flow,
+    "label_mask": fig_label_mask,
+    "original_vs_fixed": fig_original_vs_fixed,
+    "lora": fig_lora,
+}
+
+
+def main(argv: list[str]) -> int:
+    wanted = argv or list(FIGURES)
+    unknown = [w for w in wanted if w not in FIGURES]
+    if unknown:
+        print(f"unknown figure(s) {unknown}; choose from {list(FIGURES)}", file=sys.stderr)
+        return 2
+    cjk = setup_fonts()
+    if not cjk:
+        print("no CJK font found: label_mask.png uses English stand-ins "
+              "(install one, e.g. apt-get install fonts-noto-cjk, for the Chinese version)")
+    for name in wanted:
+        print(FIGURES[name](cjk).relative_to(OUT_DIR.parent))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
