@@ -98,9 +98,9 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
         return self.sp.piece_to_id(token)
 
     def _convert_id_to_token(self, index: int) -> str:
-        if not 0 <= index < self.sp.get_piece_size():
-            raise IndexError(f"token id {index} is outside this tokenizer's vocabulary (size {len(self)})")
-        return self.sp.id_to_piece(index)
+        # The embedding is padded past the vocabulary (6B: 65,024 rows for 64,798 tokens); an untrained
+        # model can emit those padding ids, which stand for no text.
+        return self.sp.id_to_piece(index) if 0 <= index < self.sp.get_piece_size() else ""
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         out, run = [], []

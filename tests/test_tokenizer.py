@@ -98,3 +98,7 @@ def test_unknown_role_and_token_are_refused(tok):
         tok.build_message("narrator", "x")
     with pytest.raises(KeyError, match="not a ChatGLM3 special token"):
         tok.special_id("<|tool|>")
+
+
+def test_padding_rows_of_the_embedding_decode_to_nothing(tok):
+    assert tok.decode([*tok.encode_text("ok"), len(tok) + 5]) == "ok"

@@ -374,7 +374,7 @@ def fig_label_mask(cjk: bool) -> Path:
 # ----------------------------------------------------------------------------------------------- original_vs_fixed
 
 def fig_original_vs_fixed(cjk: bool) -> Path:
-    W, H = 10.6, 7.4
+    W, H = 10.6, 8.25
     fig, ax = canvas(W, H)
     ax.text(W / 2, H - 0.32, "Two pitfalls of the original tutorial, and what glmlora does instead",
             ha="center", va="center", fontsize=14, fontweight="bold", color=INK)
@@ -382,207 +382,202 @@ def fig_original_vs_fixed(cjk: bool) -> Path:
     colw = W / 2 - 0.45
     for x, title, fill, edge, ink in ((colx[0], "original tutorial", ORANGE_FILL, ORANGE_EDGE, ORANGE_INK),
                                       (colx[1], "glmlora", GREEN_FILL, GREEN_EDGE, GREEN_INK)):
-        rbox(ax, x, H - 1.02, colw, 0.36, fill, edge, lw=1.4)
-        ax.text(x + colw / 2, H - 0.84, title, ha="center", va="center", fontsize=12.5, fontweight="bold",
+        rbox(ax, x, H - 1.0, colw, 0.34, fill, edge, lw=1.4)
+        ax.text(x + colw / 2, H - 0.83, title, ha="center", va="center", fontsize=12.5, fontweight="bold",
                 color=ink)
-    ax.plot([W / 2, W / 2], [0.25, H - 1.1], color="#D0D0D0", lw=1.0)
 
-    # ---- row 1: role markers
-    ry = H - 1.45
-    for x in colx:
-        ax.text(x, ry, "1 · How the role marker reaches the model", fontsize=10.5, fontweight="bold", color=INK,
-                va="center")
+    def section(y, text):
+        ax.add_patch(Rectangle((0.3, y - 0.17), W - 0.6, 0.34, facecolor="#F2F2F2", edgecolor="none", zorder=1))
+        ax.text(0.45, y, text, fontsize=11, fontweight="bold", color=INK, va="center", zorder=2)
+
+    # ---- section 1: role markers
+    s1 = H - 1.42
+    section(s1, "1 · How a role marker such as <|user|> reaches the model")
     user_text = "我睡不着" if cjk else "I can't sleep"
-    # left
-    x0 = colx[0]
-    code_l = f'prompt = "<|system|>\\n…<|user|>\\n"\n         + "{user_text}" + "<|assistant|>"\ntokenizer(prompt)'
-    rbox(ax, x0 + 0.05, ry - 1.12, colw - 0.1, 0.78, "#FAFAFA", "#BDBDBD", lw=1.0, rounding=0.05)
-    ax.text(x0 + 0.18, ry - 0.42, code_l, va="top", family=MONO, fontsize=8.7, color=INK, linespacing=1.45)
-    ax.text(x0 + 0.05, ry - 1.42, '"<|user|>" as TEXT is split into ordinary pieces:', fontsize=9.2,
+    code_top, code_h = s1 - 0.35, 0.78
+    py = code_top - code_h - 0.95  # bottom of the token cells
+    for x, code in ((colx[0], 'prompt = "<|system|>\\n…<|user|>\\n"\n'
+                              f'         + "{user_text}" + "<|assistant|>"\ntokenizer(prompt)               # simplified'),
+                    (colx[1], 'ids = ([tok.role_id("user")]  # 64795\n'
+                              '       + tok.encode_text("\\n")\n       + tok.encode_text(text))')):
+        rbox(ax, x + 0.05, code_top - code_h, colw - 0.1, code_h - 0.04, "#FAFAFA", "#BDBDBD", lw=1.0,
+             rounding=0.05)
+        ax.text(x + 0.18, code_top - 0.1, code, va="top", family=MONO, fontsize=8.8, color=INK, linespacing=1.45)
+    ax.text(colx[0] + 0.05, py + 0.7, '"<|user|>" written as TEXT is split into ordinary pieces:', fontsize=9.5,
             va="center", color=INK)
-    pieces = ["<", "|", "user", "|", ">"]
-    px, py = x0 + 0.3, ry - 2.05
-    for p in pieces:
-        w = 0.32 if len(p) == 1 else 0.62
+    ax.text(colx[1] + 0.05, py + 0.7, "the role token is inserted BY ID:", fontsize=9.5, va="center", color=INK)
+    px = colx[0] + 0.3
+    for p in ["<", "|", "user", "|", ">"]:
+        w = 0.34 if len(p) == 1 else 0.66
         ax.add_patch(Rectangle((px, py), w, 0.42, facecolor=ORANGE_FILL, edgecolor=ORANGE_EDGE, lw=1.3))
-        ax.text(px + w / 2, py + 0.21, p, ha="center", va="center", family=MONO, fontsize=11, fontweight="bold")
+        ax.text(px + w / 2, py + 0.21, p, ha="center", va="center", family=MONO, fontsize=11.5, fontweight="bold")
         px += w + 0.07
-    ax.text(px + 0.1, py + 0.21, "5 ordinary\ntext tokens", va="center", fontsize=9, color=ORANGE_INK)
-    ax.text(x0 + 0.05, py - 0.2, "✗ the model never saw a role switch written this way, so training\n"
-            "   and chat use a format ChatGLM3 did not learn", va="top", fontsize=9, color=RED_INK,
+    ax.text(px + 0.12, py + 0.21, "5 ordinary text tokens", va="center", fontsize=9.5, color=ORANGE_INK)
+    px = colx[1] + 0.3
+    ax.add_patch(Rectangle((px, py), 1.2, 0.42, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE, lw=1.6))
+    ax.text(px + 0.6, py + 0.21, "<|user|>", ha="center", va="center", family=MONO, fontsize=11.5,
+            fontweight="bold")
+    ax.text(px + 1.35, py + 0.21, "1 special token, id 64795", va="center", fontsize=9.5, color=GREEN_INK,
+            fontweight="bold")
+    ax.text(colx[0] + 0.05, py - 0.22, "✗ the model never saw a role switch written like this, so\n"
+            "   training and chat use a format ChatGLM3 did not learn", va="top", fontsize=9.5, color=RED_INK,
             linespacing=1.35)
-    # right
-    x1 = colx[1]
-    code_r = 'ids = [tok.user_id]          # 64795\n    + sp.encode("\\n")\n    + sp.encode(text)'
-    rbox(ax, x1 + 0.05, ry - 1.12, colw - 0.1, 0.78, "#FAFAFA", "#BDBDBD", lw=1.0, rounding=0.05)
-    ax.text(x1 + 0.18, ry - 0.42, code_r, va="top", family=MONO, fontsize=8.7, color=INK, linespacing=1.45)
-    ax.text(x1 + 0.05, ry - 1.42, "the role token is inserted BY ID:", fontsize=9.2, va="center", color=INK)
-    px = x1 + 0.3
-    ax.add_patch(Rectangle((px, py), 1.15, 0.42, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE, lw=1.6))
-    ax.text(px + 0.575, py + 0.21, "<|user|>", ha="center", va="center", family=MONO, fontsize=11,
-            fontweight="bold")
-    ax.text(px + 0.575, py + 0.52, "id 64795", ha="center", va="center", fontsize=8.5, color=GREEN_INK,
-            fontweight="bold")
-    ax.text(px + 1.35, py + 0.21, "1 special token", va="center", fontsize=9, color=GREEN_INK)
-    ax.text(x1 + 0.05, py - 0.2, "✓ exactly the format ChatGLM3 was trained on; and a user who types\n"
-            '   "<|user|>" only produces harmless text pieces (no role injection)', va="top", fontsize=9,
+    ax.text(colx[1] + 0.05, py - 0.22, "✓ exactly the format ChatGLM3 was trained on; a user who\n"
+            '   types "<|user|>" only produces harmless text pieces', va="top", fontsize=9.5,
             color=GREEN_INK, linespacing=1.35)
 
-    # ---- row 2: padding
-    ry2 = H - 4.25
-    for x in colx:
-        ax.text(x, ry2, "2 · Padding a batch of 4 samples (120, 95, 160, 140 real tokens)", fontsize=10.5,
-                fontweight="bold", color=INK, va="center")
+    # ---- section 2: padding
+    s2 = py - 1.05
+    section(s2, "2 · Padding a batch of 4 samples with 120, 95, 160 and 140 real tokens")
+    for y0, y1 in ((H - 1.08, s1 + 0.22), (s1 - 0.22, s2 + 0.22), (s2 - 0.62, 0.25)):
+        ax.plot([W / 2, W / 2], [y0, y1], color="#D0D0D0", lw=1.0)
     lengths = [120, 95, 160, 140]
     real = sum(lengths)
-    scale = (colw - 0.9) / 512
-    bar_h, bar_gap = 0.3, 0.14
+    scale = (colw - 0.75) / 512
+    bar_h, bar_gap = 0.3, 0.13
+    ly = s2 - 0.42
+    lx = W / 2 - 2.3
+    ax.add_patch(Rectangle((lx, ly - 0.09), 0.28, 0.18, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE))
+    ax.text(lx + 0.36, ly, "real tokens", va="center", fontsize=9)
+    lx += 1.55
+    ax.add_patch(Rectangle((lx, ly - 0.09), 0.28, 0.18, facecolor="#CFCFCF", edgecolor=GREY_EDGE, hatch="///"))
+    ax.text(lx + 0.36, ly, "padding: computed, then ignored", va="center", fontsize=9)
 
-    def bars(x, pad_to, note_color):
-        top = ry2 - 0.45
+    def bars(x, pad_to):
+        top = ly - 0.3
+        x0 = x + 0.5
         for n, L in enumerate(lengths):
             y = top - (n + 1) * bar_h - n * bar_gap
-            ax.add_patch(Rectangle((x + 0.45, y), L * scale, bar_h, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE,
-                                   lw=1.0))
-            ax.add_patch(Rectangle((x + 0.45 + L * scale, y), (pad_to - L) * scale, bar_h, facecolor="#CFCFCF",
-                                   edgecolor=GREY_EDGE, lw=1.0, hatch="///" if pad_to == 512 else None))
+            ax.add_patch(Rectangle((x0, y), L * scale, bar_h, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE, lw=1.0))
+            ax.add_patch(Rectangle((x0 + L * scale, y), (pad_to - L) * scale, bar_h, facecolor="#CFCFCF",
+                                   edgecolor=GREY_EDGE, lw=1.0, hatch="///"))
             if pad_to < 512:
-                ax.add_patch(Rectangle((x + 0.45 + pad_to * scale, y), (512 - pad_to) * scale, bar_h,
+                ax.add_patch(Rectangle((x0 + pad_to * scale, y), (512 - pad_to) * scale, bar_h,
                                        facecolor="none", edgecolor="#BDBDBD", lw=0.8, ls=(0, (3, 3))))
-            ax.text(x + 0.38, y + bar_h / 2, str(L), ha="right", va="center", fontsize=8.5, color=INK)
+            ax.text(x0 - 0.08, y + bar_h / 2, str(L), ha="right", va="center", fontsize=9, color=INK)
         base_y = top - 4 * bar_h - 3 * bar_gap
+        ax.plot([x0, x0 + 512 * scale], [base_y - 0.05, base_y - 0.05], color=MUTED, lw=0.8)
         for tick in (0, 128, 256, 384, 512):
-            tx = x + 0.45 + tick * scale
+            tx = x0 + tick * scale
             ax.plot([tx, tx], [base_y - 0.05, base_y - 0.1], color=MUTED, lw=0.8)
-            ax.text(tx, base_y - 0.14, str(tick), ha="center", va="top", fontsize=7.5, color=MUTED)
-        ax.text(x + 0.45 + 256 * scale, base_y - 0.38, "tokens per sample", ha="center", va="top", fontsize=8,
+            ax.text(tx, base_y - 0.14, str(tick), ha="center", va="top", fontsize=8, color=MUTED)
+        ax.text(x0 + 256 * scale, base_y - 0.4, "tokens per sample", ha="center", va="top", fontsize=8.5,
                 color=MUTED)
-        return base_y
+        return base_y - 0.75
 
-    base_y = bars(colx[0], 512, RED_INK)
+    note_y = bars(colx[0], 512)
     total = 4 * 512
-    ax.text(colx[0] + 0.05, base_y - 0.72,
-            f"every sample padded to max_length 512: {real} real of {total:,} tokens\n"
-            f"= {100 * real / total:.0f} % real; {100 * (1 - real / total):.0f} % of the batch is padding "
-            "(hatched grey)\nthat still goes through the model", va="top", fontsize=9, color=RED_INK,
-            linespacing=1.35)
-    base_y = bars(colx[1], 160, GREEN_INK)
+    ax.text(colx[0] + 0.05, note_y,
+            f"✗ every sample padded to 512: {real} real of {total:,} tokens\n"
+            f"   = {100 * real / total:.0f} % real; {100 * (1 - real / total):.0f} % of the compute goes to padding",
+            va="top", fontsize=9.5, color=RED_INK, linespacing=1.35)
+    bars(colx[1], 160)
     total = 4 * 160
-    ax.text(colx[1] + 0.05, base_y - 0.72,
-            f"padded only to the batch's longest (160; the collator rounds up\nto a multiple of 8): {real} real "
-            f"of {total} tokens = {100 * real / total:.0f} % real;\ndashed = tokens that are no longer computed",
-            va="top", fontsize=9, color=GREEN_INK, linespacing=1.35)
-    # legend for bars
-    ly = 0.3
-    ax.add_patch(Rectangle((0.35, ly - 0.09), 0.28, 0.18, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE))
-    ax.text(0.7, ly, "real tokens", va="center", fontsize=8.5)
-    ax.add_patch(Rectangle((1.85, ly - 0.09), 0.28, 0.18, facecolor="#CFCFCF", edgecolor=GREY_EDGE, hatch="///"))
-    ax.text(2.2, ly, "padding (computed, then ignored)", va="center", fontsize=8.5)
+    ax.text(colx[1] + 0.05, note_y,
+            f"✓ padded to the batch's longest (160; a multiple of 8):\n   {real} real of {total} tokens = "
+            f"{100 * real / total:.0f} % real; dashed = no longer computed",
+            va="top", fontsize=9.5, color=GREEN_INK, linespacing=1.35)
     return save(fig, "original_vs_fixed.png")
 
 
 # ----------------------------------------------------------------------------------------------- lora
 
 def fig_lora(cjk: bool) -> Path:
-    W, H = 10.6, 6.9
+    W, H = 10.6, 7.45
     fig, ax = canvas(W, H)
     ax.text(W / 2, H - 0.35, "LoRA: keep W frozen, learn a small low-rank update",
             ha="center", va="center", fontsize=14, fontweight="bold", color=INK)
-    ax.text(W / 2, H - 0.8, "h  =  W x  +  (α / r) · B A x", ha="center", va="center", fontsize=15,
+    ax.text(W / 2, H - 0.82, "h  =  W x  +  (α / r) · B A x", ha="center", va="center", fontsize=15,
             family=MONO, color=INK)
+    slate, slate_ink = "#5F6B7A", "#37474F"
 
-    # matrices (r drawn much wider than to scale so it is visible)
-    S = 2.6
-    wy = 2.45
-    wx = 0.6
-    ax.add_patch(Rectangle((wx, wy), S, S, facecolor="#DADDE3", edgecolor="#5F6B7A", lw=1.8, hatch=".."))
-    ax.text(wx + S / 2, wy + S / 2 + 0.28, "W", ha="center", va="center", fontsize=26, fontweight="bold",
-            color="#37474F")
-    ax.text(wx + S / 2, wy + S / 2 - 0.28, "frozen", ha="center", va="center", fontsize=11,
-            color="#37474F", bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.85))
-    ax.text(wx + S / 2, wy - 0.15, "d × d", ha="center", va="top", fontsize=10.5, family=MONO)
-    ax.text(wx + S / 2, wy - 0.45, "q_proj: 4096 × 4096\n= 16,777,216 weights", ha="center", va="top",
-            fontsize=9.5, color=MUTED, linespacing=1.3)
-
-    ax.text(wx + S + 0.4, wy + S / 2, "+", ha="center", va="center", fontsize=26, color=INK)
-    ax.text(wx + S + 1.15, wy + S / 2, "α / r ×", ha="center", va="center", fontsize=13, color=INK,
+    # matrices (r is drawn far wider than to scale, or B and A would be invisible)
+    S, top = 2.2, H - 1.75
+    wx, wy = 0.55, top - S
+    ax.add_patch(Rectangle((wx, wy), S, S, facecolor="#DADDE3", edgecolor=slate, lw=1.8))
+    ax.text(wx + S / 2, wy + S / 2 + 0.22, "W", ha="center", va="center", fontsize=26, fontweight="bold",
+            color=slate_ink)
+    ax.text(wx + S / 2, wy + S / 2 - 0.32, "frozen", ha="center", va="center", fontsize=11, color=slate_ink)
+    ax.text(wx + S + 0.27, wy + S / 2, "+", ha="center", va="center", fontsize=24, color=INK)
+    ax.text(wx + S + 0.98, wy + S / 2, "α / r ×", ha="center", va="center", fontsize=13, color=INK,
             family=MONO)
-    bx, bwid = wx + S + 1.85, 0.38
-    ax.add_patch(Rectangle((bx, wy), bwid, S, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE, lw=1.8))
-    ax.text(bx + bwid / 2, wy + S / 2, "B", ha="center", va="center", fontsize=20, fontweight="bold",
+    bx, thin = wx + S + 1.62, 0.34
+    ax.add_patch(Rectangle((bx, wy), thin, S, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE, lw=1.8))
+    ax.text(bx + thin / 2, wy + S / 2, "B", ha="center", va="center", fontsize=18, fontweight="bold",
             color=GREEN_INK)
-    ax.text(bx + bwid / 2, wy - 0.15, "d × r", ha="center", va="top", fontsize=10.5, family=MONO)
-    ax.text(bx + bwid / 2, wy - 0.45, "4096 × 8\n= 32,768\nstarts at 0", ha="center", va="top", fontsize=9.5,
-            color=MUTED, linespacing=1.3)
-    ax.text(bx + bwid + 0.28, wy + S / 2, "·", ha="center", va="center", fontsize=26, color=INK)
-    ax_x, ahgt = bx + bwid + 0.56, 0.38
-    ay = wy + S - ahgt
-    ax.add_patch(Rectangle((ax_x, ay), S, ahgt, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE, lw=1.8))
-    ax.text(ax_x + S / 2, ay + ahgt / 2, "A", ha="center", va="center", fontsize=20, fontweight="bold",
+    ax.text(bx + thin + 0.25, wy + S / 2, "·", ha="center", va="center", fontsize=24, color=INK)
+    ax_x = bx + thin + 0.5
+    ax.add_patch(Rectangle((ax_x, top - thin), S, thin, facecolor=GREEN_FILL, edgecolor=GREEN_EDGE, lw=1.8))
+    ax.text(ax_x + S / 2, top - thin / 2, "A", ha="center", va="center", fontsize=18, fontweight="bold",
             color=GREEN_INK)
-    ax.text(ax_x + S / 2, ay - 0.12, "r × d", ha="center", va="top", fontsize=10.5, family=MONO)
-    ax.text(ax_x + S / 2, ay - 0.42, "8 × 4096 = 32,768\nrandom start", ha="center", va="top", fontsize=9.5,
-            color=MUTED, linespacing=1.3)
-    ax.text(ax_x + S / 2, wy + 0.55, "B · A has the shape of W\n(d × d) but rank ≤ r,\nso it costs only\n"
-            "2 · d · r numbers", ha="center", va="center", fontsize=9.5, color=GREEN_INK, linespacing=1.3)
-    # trainable bracket
-    ax.plot([bx, bx, ax_x + S, ax_x + S], [wy + S + 0.12, wy + S + 0.22, wy + S + 0.22, wy + S + 0.12],
-            color=GREEN_EDGE, lw=1.6)
-    ax.text((bx + ax_x + S) / 2, wy + S + 0.3, "trainable", ha="center", va="bottom", fontsize=10.5,
-            color=GREEN_INK, fontweight="bold")
-    ax.plot([wx, wx, wx + S, wx + S], [wy + S + 0.12, wy + S + 0.22, wy + S + 0.22, wy + S + 0.12],
-            color="#5F6B7A", lw=1.6)
-    ax.text(wx + S / 2, wy + S + 0.3, "from the base model", ha="center", va="bottom", fontsize=10.5,
-            color="#37474F", fontweight="bold")
+
+    def dims(x, y, shape, numbers):
+        ax.text(x, y, shape, ha="center", va="top", fontsize=10.5, family=MONO, color=INK)
+        ax.text(x, y - 0.3, numbers, ha="center", va="top", fontsize=9.5, color=MUTED, linespacing=1.3)
+
+    dims(wx + S / 2, wy - 0.12, "d × d", "q_proj: 4096 × 4096\n= 16,777,216 weights")
+    dims(bx + thin / 2, wy - 0.12, "d × r", "4096 × 8\n= 32,768\nstarts at 0")
+    dims(ax_x + S / 2, top - thin - 0.12, "r × d", "8 × 4096 = 32,768\nrandom start")
+    ax.text(ax_x + S / 2, wy + 0.62, "B · A has W's shape (d × d)\nbut rank ≤ r: only 2 · d · r\n"
+            "numbers to learn; B = 0 at\nthe start, so training begins\nfrom the base model", ha="center", va="center", fontsize=9.5,
+            color=GREEN_INK, linespacing=1.3)
+    for x0, x1, text, color, ink in ((wx, wx + S, "from the base model", slate, slate_ink),
+                                     (bx, ax_x + S, "trainable", GREEN_EDGE, GREEN_INK)):
+        ax.plot([x0, x0, x1, x1], [top + 0.12, top + 0.22, top + 0.22, top + 0.12], color=color, lw=1.6)
+        ax.text((x0 + x1) / 2, top + 0.3, text, ha="center", va="bottom", fontsize=10.5, color=ink,
+                fontweight="bold")
 
     # numbers panel
-    px, pw = ax_x + S + 0.35, W - (ax_x + S + 0.35) - 0.3
-    py, ph = wy - 0.2, S + 0.6
+    px = ax_x + S + 0.4
+    py = wy - 0.4
+    pw, ph = W - 0.35 - px, top + 0.45 - py
     rbox(ax, px, py, pw, ph, "#F6FAF6", GREEN_EDGE, lw=1.2)
     lines = [
-        ("ChatGLM3-6B q_proj, r = 8", INK, "bold"),
-        ("trainable  65,536", GREEN_INK, "bold"),
-        ("frozen     16.8 M", "#37474F", "bold"),
-        ("= 0.39 % of the layer", MUTED, "normal"),
-        ("", INK, "normal"),
-        ("scale α / r = 32 / 8 = 4", INK, "normal"),
-        ("", INK, "normal"),
-        ("q, k, v in all 28 layers:", INK, "normal"),
-        ("≈ 3.8 M trainable of", GREEN_INK, "normal"),
-        ("6.24 B  (0.06 %)", GREEN_INK, "normal"),
+        ("ChatGLM3-6B q_proj, r = 8:", INK, "bold", SANS),
+        ("trainable  65,536", GREEN_INK, "bold", MONO),
+        ("frozen     16.8 M", slate_ink, "bold", MONO),
+        ("→ 0.39 % of the layer", MUTED, "normal", SANS),
+        ("", INK, "normal", SANS),
+        ("scale α / r = 32 / 8 = 4", INK, "normal", SANS),
+        ("(the course's default)", MUTED, "normal", SANS),
+        ("", INK, "normal", SANS),
+        ("q, k, v in all 28 layers:", INK, "normal", SANS),
+        ("≈ 3.8 M trainable of 6.24 B", GREEN_INK, "bold", SANS),
+        ("(0.06 %)", GREEN_INK, "normal", SANS),
     ]
-    ty = py + ph - 0.25
-    for text, color, weight in lines:
-        ax.text(px + 0.15, ty, text, va="center", fontsize=9.6, color=color, fontweight=weight,
-                family=MONO if text.startswith(("trainable", "frozen")) else SANS)
-        ty -= 0.29
+    ty = py + ph - 0.28
+    for text, color, weight, family in lines:
+        ax.text(px + 0.18, ty, text, va="center", fontsize=9.6, color=color, fontweight=weight, family=family)
+        ty -= 0.245
 
-    # fused qkv -> q/k/v strip
-    sy = 0.95
-    ax.text(0.6, sy + 0.92, "On the native GlmForCausalLM the original fused query_key_value is three layers "
-            "— target q_proj, k_proj, v_proj:", fontsize=10, color=INK, va="center", fontweight="bold")
+    # fused query_key_value -> q_proj / k_proj / v_proj
+    hy = wy - 1.35
+    ax.plot([0.4, W - 0.4], [hy + 0.3, hy + 0.3], color="#D0D0D0", lw=1.0)
+    ax.text(0.55, hy, "Where LoRA goes on the native GlmForCausalLM: the original fused query_key_value "
+            "is three layers", fontsize=10.5, color=INK, va="center", fontweight="bold")
+    sx, sw, sh = 0.55, W - 1.1, 0.36
+    sy = hy - 0.85
+    ax.text(sx, sy + sh + 0.2, "original query_key_value  (4608 × 4096)  split by rows:", fontsize=9.2,
+            color=MUTED, va="center", family=MONO)
     total = 4608
-    sx, sw = 0.6, W - 1.2
-    parts = [("q_proj  4096 × 4096", 4096, BLUE_FILL, BLUE_EDGE), ("k_proj", 256, PURPLE_FILL, PURPLE_EDGE),
-             ("v_proj", 256, ORANGE_FILL, ORANGE_EDGE)]
-    ax.text(sx, sy + 0.55, "query_key_value  (4608 × 4096, original)  split by rows →", fontsize=9, color=MUTED,
-            va="center", family=MONO)
     cx = sx
-    for name, rows, fill, edge in parts:
+    seg = {}
+    for name, rows, fill, edge in (("q_proj", 4096, BLUE_FILL, BLUE_EDGE), ("k_proj", 256, PURPLE_FILL, PURPLE_EDGE),
+                                   ("v_proj", 256, ORANGE_FILL, ORANGE_EDGE)):
         w = sw * rows / total
-        ax.add_patch(Rectangle((cx, sy), w, 0.36, facecolor=fill, edgecolor=edge, lw=1.4))
-        if rows > 1000:
-            ax.text(cx + w / 2, sy + 0.18, name, ha="center", va="center", fontsize=9.5, family=MONO)
+        ax.add_patch(Rectangle((cx, sy), w, sh, facecolor=fill, edgecolor=edge, lw=1.4))
+        seg[name] = (cx + w / 2, edge)
         cx += w
-    kx = sx + sw * 4096 / total
-    ax.annotate("k_proj 256 × 4096", xy=(kx + sw * 128 / total, sy), xytext=(kx - 1.9, sy - 0.38),
-                fontsize=9, family=MONO, va="center", ha="center",
-                arrowprops=dict(arrowstyle="-", color=PURPLE_EDGE, lw=1.0))
-    ax.annotate("v_proj 256 × 4096", xy=(kx + sw * 384 / total, sy), xytext=(kx + 0.1, sy - 0.38),
-                fontsize=9, family=MONO, va="center", ha="center",
-                arrowprops=dict(arrowstyle="-", color=ORANGE_EDGE, lw=1.0))
-    ax.text(0.6, 0.18, "A LoRA trained on the fused layer converts exactly (same A, B split by rows); "
-            "training on q/k/v directly learns three separate A's.", fontsize=8.8, color=MUTED, va="center")
+    ax.text(seg["q_proj"][0], sy + sh / 2, "q_proj  4096 × 4096", ha="center", va="center", fontsize=9.5,
+            family=MONO)
+    for name, tx in (("k_proj", W - 3.3), ("v_proj", W - 1.3)):
+        x, edge = seg[name]
+        ax.annotate(f"{name}  256 × 4096", xy=(x, sy), xytext=(tx, sy - 0.32), fontsize=9.2, family=MONO,
+                    va="center", ha="center", arrowprops=dict(arrowstyle="-", color=edge, lw=1.1))
+    ax.text(0.55, sy - 0.72, 'so LoraConfig(target_modules=["q_proj", "k_proj", "v_proj"]), not "query_key_value"',
+            fontsize=9.5, color=INK, va="center", family=MONO)
+    ax.text(0.55, sy - 1.05, "A LoRA trained on the fused layer converts exactly (the same A, B split by rows); "
+            "training on q/k/v directly learns three separate A's.", fontsize=9.2, color=MUTED, va="center")
     return save(fig, "lora.png")
 
 
