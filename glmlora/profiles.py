@@ -116,7 +116,7 @@ def select_profile(name: str | None = None) -> Profile:
     else:
         reason = f"chosen by {PROFILE_ENV}={choice}" if not name else f"chosen in the notebook: {choice}"
     if choice == "tiny":
-        return Profile("tiny", reason, max_length=256, train_overrides=dict(TINY_TRAINING))
+        return Profile("tiny", reason, max_length=512, train_overrides=dict(TINY_TRAINING))
     return Profile(choice, reason, max_length=1024)
 
 

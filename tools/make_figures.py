@@ -4,6 +4,7 @@ Re-run from the repository root whenever a figure needs to change::
 
     .venv/bin/python tools/make_figures.py            # all four figures
     .venv/bin/python tools/make_figures.py lora       # only images/lora.png (names: see FIGURES)
+    .venv/bin/python tools/make_figures.py --out /tmp/figs   # somewhere else
 
 Figures written (about 1500-1600 px wide, 150 dpi, white background):
 
@@ -19,6 +20,7 @@ the English version.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -281,7 +283,7 @@ def fig_label_mask(cjk: bool) -> Path:
             fontsize=9.5)
 
     def width(piece, special):
-        per = 0.102 if special else (0.095 if piece.isascii() else 0.17)
+        per = 0.102 if special else (0.082 if piece.isascii() else 0.17)
         return max(0.48, len(piece) * per + 0.22)
 
     split = next(n for n, t in enumerate(tokens) if t[1] == "assistant")  # row 2 starts at <|assistant|>
@@ -361,13 +363,13 @@ def fig_label_mask(cjk: bool) -> Path:
         badge(ax, 0.62, ny, mark, color, r=0.14)
         ax.text(0.88, ny, text, va="center", fontsize=9.6, color=color)
         ny -= 0.37
+    if not cjk:
+        ax.text(W - 0.3, my - 0.85, "(English stand-ins: no CJK font was found)", ha="right", va="center",
+                fontsize=8, color=MUTED, style="italic")
 
     foot = ("Every assistant turn is trained (multi-turn).  Sequence = [gMASK] sop + messages + eos; "
             "one message = <|role|> + \"\\n\" + content.")
     ax.text(W / 2, 0.25, foot, ha="center", va="center", fontsize=8.8, color=MUTED)
-    if not cjk:
-        ax.text(W - 0.3, H - 0.35, "(English stand-ins: no CJK font found)", ha="right", va="center", fontsize=7,
-                color=MUTED)
     return save(fig, "label_mask.png")
 
 
@@ -397,7 +399,8 @@ def fig_original_vs_fixed(cjk: bool) -> Path:
     code_top, code_h = s1 - 0.35, 0.78
     py = code_top - code_h - 0.95  # bottom of the token cells
     for x, code in ((colx[0], 'prompt = "<|system|>\\n…<|user|>\\n"\n'
-                              f'         + "{user_text}" + "<|assistant|>"\ntokenizer(prompt)               # simplified'),
+                              f'         + "{user_text}" + "<|assistant|>"\n'
+                              'tokenizer(prompt)               # simplified'),
                     (colx[1], 'ids = ([tok.role_id("user")]  # 64795\n'
                               '       + tok.encode_text("\\n")\n       + tok.encode_text(text))')):
         rbox(ax, x + 0.05, code_top - code_h, colw - 0.1, code_h - 0.04, "#FAFAFA", "#BDBDBD", lw=1.0,
@@ -518,8 +521,8 @@ def fig_lora(cjk: bool) -> Path:
     dims(wx + S / 2, wy - 0.12, "d × d", "q_proj: 4096 × 4096\n= 16,777,216 weights")
     dims(bx + thin / 2, wy - 0.12, "d × r", "4096 × 8\n= 32,768\nstarts at 0")
     dims(ax_x + S / 2, top - thin - 0.12, "r × d", "8 × 4096 = 32,768\nrandom start")
-    ax.text(ax_x + S / 2, wy + 0.62, "B · A has W's shape (d × d)\nbut rank ≤ r: only 2 · d · r\n"
-            "numbers to learn; B = 0 at\nthe start, so training begins\nfrom the base model", ha="center", va="center", fontsize=9.5,
+    ax.text(ax_x + S / 2, wy + 0.38, "B · A has W's shape (d × d),\nbut rank ≤ r: 2 · d · r numbers.\n"
+            "B = 0 at the start: training\nbegins from the base model", ha="center", va="center", fontsize=9.5,
             color=GREEN_INK, linespacing=1.3)
     for x0, x1, text, color, ink in ((wx, wx + S, "from the base model", slate, slate_ink),
                                      (bx, ax_x + S, "trainable", GREEN_EDGE, GREEN_INK)):
@@ -590,17 +593,21 @@ FIGURES = {
 
 
 def main(argv: list[str]) -> int:
-    wanted = argv or list(FIGURES)
-    unknown = [w for w in wanted if w not in FIGURES]
+    global OUT_DIR
+    parser = argparse.ArgumentParser(description="Draw the course figures into images/.")
+    parser.add_argument("figures", nargs="*", metavar="FIGURE", help=f"any of {', '.join(FIGURES)} (default: all)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="output folder (default: images/)")
+    args = parser.parse_args(argv)
+    unknown = [w for w in args.figures if w not in FIGURES]
     if unknown:
-        print(f"unknown figure(s) {unknown}; choose from {list(FIGURES)}", file=sys.stderr)
-        return 2
+        parser.error(f"unknown figure(s) {unknown}; choose from {list(FIGURES)}")
+    OUT_DIR = args.out.resolve()
     cjk = setup_fonts()
     if not cjk:
         print("no CJK font found: label_mask.png uses English stand-ins "
               "(install one, e.g. apt-get install fonts-noto-cjk, for the Chinese version)")
-    for name in wanted:
-        print(FIGURES[name](cjk).relative_to(OUT_DIR.parent))
+    for name in args.figures or list(FIGURES):
+        print(FIGURES[name](cjk))
     return 0
 
 
