@@ -13,7 +13,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -355,12 +355,6 @@ def load(path: str | Path, **kwargs: Any):
     return load_model(native, **kwargs), load_tokenizer(native)
 
 
-def iter_native_tensors(native: Path) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    index = json.loads((native / "model.safetensors.index.json").read_text(encoding="utf-8"))
-    for name in sorted(set(index["weight_map"].values())):
-        yield name, read_shard(native / name)
-
-
 def export_original(native: str | Path, out: str | Path) -> Path:
     """Write a native directory back in the original ChatGLM3 layout (for tools that expect it).
 
@@ -369,16 +363,16 @@ def export_original(native: str | Path, out: str | Path) -> Path:
     native, out = Path(native), Path(out)
     config = GlmConfig.from_pretrained(str(native))
     out.mkdir(parents=True, exist_ok=True)
-    weight_map = {}
-    shard_names = sorted(set(json.loads((native / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    files = weight_files(native)
+    weight_map: dict[str, str] = {}
     pending: dict[str, torch.Tensor] = {}
-    for i, (_, tensors) in enumerate(iter_native_tensors(native)):
-        pending.update(tensors)
+    for i, path in enumerate(files):
+        pending.update(read_shard(path))
         # q, k and v of one layer may sit in different shards: keep incomplete layers for the next shard.
-        done = {k: v for k, v in pending.items() if _layer_complete(k, pending, config)}
+        done = {k: v for k, v in pending.items() if _layer_complete(k, pending)}
         for k in done:
             pending.pop(k)
-        name = f"model-{i + 1:05d}-of-{len(shard_names):05d}.safetensors"
+        name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
         converted = to_original(done, config)
         save_file(converted, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in converted})
@@ -391,7 +385,7 @@ def export_original(native: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _layer_complete(name: str, tensors: dict[str, torch.Tensor], config: GlmConfig) -> bool:
+def _layer_complete(name: str, tensors: dict[str, torch.Tensor]) -> bool:
     m = re.match(r"^(model\.layers\.\d+\.self_attn\.)[qkv]_proj\.(weight|bias)$", name)
     if not m:
         return True
