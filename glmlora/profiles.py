@@ -3,7 +3,7 @@
 ``GLMLORA_PROFILE`` = ``auto`` (default) | ``tiny`` | ``full`` | ``full-random``:
 
 * ``full`` — the real ChatGLM3-6B from ModelScope (``auto`` picks it on a CUDA GPU with >= 16 GB);
-* ``tiny`` — a 0.7 M-parameter ChatGLM3 built on the fly, so every lesson runs on any CPU in seconds;
+* ``tiny`` — a 0.9 M-parameter ChatGLM3 built on the fly, so every lesson runs on any CPU in seconds;
 * ``full-random`` — the real 6B shapes with random weights, for GPU memory/speed work without a download.
 
 ``GLMLORA_WORKDIR`` (default ``<repo>/work``) holds everything the lessons share; ``GLMLORA_MODEL_CACHE``
@@ -86,7 +86,7 @@ class Profile:
 
     def banner(self) -> str:
         if self.is_tiny:
-            return (f"TINY MODEL PROFILE — {self.reason}. Every step is real, but the model is a 0.7 M-parameter "
+            return (f"TINY MODEL PROFILE — {self.reason}. Every step is real, but the model is a 0.9 M-parameter "
                     f"ChatGLM3 with random weights: its answers are gibberish until it memorises training data. "
                     f"On a GPU with >= {MIN_GPU_GIB} GB the real ChatGLM3-6B is used (or set {PROFILE_ENV}=full).")
         if self.name == "full-random":
