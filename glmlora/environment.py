@@ -171,11 +171,8 @@ class EnvironmentReport:
 
     def package_rows(self) -> list[tuple[str, str, str, str, str]]:
         """``(package, installed, needed, status, used for)`` per package."""
-        mark = {"ok": "✅ ok", "missing": "❌ missing", "too old": "❌ too old", "too new": "⚠️ too new",
-                "optional": "➖ not installed (optional here)", "unknown": "⚠️ unreadable version"}
-        return [(p.name, p.installed or "-", p.requirement.spec.removeprefix(p.name),
-                 mark[p.status] if p.required or p.status != "too new" else "⚠️ too new (optional here)",
-                 p.requirement.why) for p in self.packages]
+        return [(p.name, p.installed or "-", p.requirement.spec.removeprefix(p.name), _mark(p), p.requirement.why)
+                for p in self.packages]
 
     def to_markdown(self) -> str:
         lines = ["| machine | |", "|---|---|", *(f"| {k} | {v} |" for k, v in self.machine.rows()), "",
@@ -196,6 +193,17 @@ class EnvironmentReport:
 
     def _repr_html_(self) -> str:
         return self.to_html()
+
+
+def _mark(p: PackageStatus) -> str:
+    """A status cell a learner can scan: red only for what blocks this profile."""
+    if p.blocking:
+        return f"❌ {p.status}"
+    if p.status == "optional":
+        return "➖ not installed (optional here)"
+    if p.status == "unknown":
+        return "⚠️ unreadable version"
+    return "✅ ok" if p.status == "ok" else f"⚠️ {p.status} (optional here)"
 
 
 def _resolve_profile(profile_name: str | None) -> str:

@@ -6,6 +6,7 @@ Lesson 06 needs an adapter, which needs lesson 05's training, which needs lesson
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ def download_chatglm3(cache_dir: str | Path | None = None) -> Path:
         return Path(snapshot_download(MODEL_ID, cache_dir=str(cache_dir)))
     except Exception as e:  # network errors come in many types; the message is what matters
         raise RuntimeError(f"could not download {MODEL_ID} into {cache_dir} ({type(e).__name__}: {e}). "
-                           f"Without a network, copy an existing download there (the folder must contain "
-                           f"config.json, tokenizer.model and the weight shards).") from None
+                           f"Without a network, copy an existing download to {cache_dir / MODEL_ID} (the folder "
+                           f"must contain config.json, tokenizer.model and the weight shards).") from None
 
 
 def ensure_base_model(profile: Profile) -> Path:
@@ -52,33 +53,44 @@ def ensure_native_model(profile: Profile) -> Path:
 
 def ensure_splits(profile: Profile, source: str | Path | None = None, val_fraction: float = 0.1,
                   seed: int = 42) -> tuple[Path, Path]:
-    """``train.jsonl`` and ``val.jsonl`` under the work directory (lesson 03's split, made once)."""
+    """``train.jsonl`` and ``val.jsonl`` under the work directory (lesson 03's split, made once).
+
+    The split is remade when the source, fraction or seed differ from the ones recorded with it.
+    """
     train_path, val_path = profile.data_dir / "train.jsonl", profile.data_dir / "val.jsonl"
-    if not (train_path.is_file() and val_path.is_file()):
-        train, val = split_records(load_records(source or sample_data_path()), val_fraction, seed)
+    stamp_path = profile.data_dir / "split.json"
+    stamp = {"source": str(source or sample_data_path()), "val_fraction": val_fraction, "seed": seed}
+    current = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
+    if not (train_path.is_file() and val_path.is_file()) or current != stamp:
+        train, val = split_records(load_records(stamp["source"]), val_fraction, seed)
         write_jsonl(train, train_path)
         write_jsonl(val, val_path)
+        stamp_path.write_text(json.dumps(stamp, indent=2))
     return train_path, val_path
 
 
 def train_adapter(profile: Profile, **overrides: Any) -> Path:
     """Lesson 05 in one call (what its cells do step by step); returns the saved adapter directory."""
-    from transformers import Trainer
+    from transformers import Trainer, default_data_collator
 
+    from .fast import apply_liger
     from .formatting import tokenize_records
     from .lora import lora_config
-    from .training import add_lora, collator, plot_loss, training_arguments
+    from .packing import PackedDataset
+    from .training import add_lora, plot_loss, training_arguments
 
     native = ensure_native_model(profile)
     train_path, val_path = ensure_splits(profile)
     tokenizer = load_tokenizer(native)
     model = add_lora(load_model(native), lora_config())
+    apply_liger(model)
     train_ds, _ = tokenize_records(load_records(train_path), tokenizer, profile.max_length)
     val_ds, _ = tokenize_records(load_records(val_path), tokenizer, profile.max_length)
     args = training_arguments(profile.run_dir, eval_strategy="epoch",
                               **{**profile.train_overrides, **overrides})
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                      data_collator=collator(tokenizer), processing_class=tokenizer)
+    trainer = Trainer(model=model, args=args, train_dataset=PackedDataset(train_ds, profile.pack_tokens),
+                      eval_dataset=PackedDataset(val_ds, profile.pack_tokens), data_collator=default_data_collator,
+                      processing_class=tokenizer)
     trainer.train()
     model.save_pretrained(profile.adapter_dir)
     tokenizer.save_pretrained(profile.adapter_dir)

@@ -53,6 +53,7 @@ class Profile:
     name: str
     reason: str
     max_length: int
+    pack_tokens: int
     train_overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -96,8 +97,7 @@ class Profile:
 
 
 # Small, fast settings so the tiny model visibly learns on a CPU within a minute.
-TINY_TRAINING = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, learning_rate=3e-3,
-                     num_train_epochs=4, logging_steps=5, save_steps=40, warmup_steps=0.05)
+TINY_TRAINING = dict(learning_rate=3e-3, num_train_epochs=4, logging_steps=10, save_steps=100, warmup_steps=0.05)
 
 
 def select_profile(name: str | None = None) -> Profile:
@@ -116,8 +116,8 @@ def select_profile(name: str | None = None) -> Profile:
     else:
         reason = f"chosen by {PROFILE_ENV}={choice}" if not name else f"chosen in the notebook: {choice}"
     if choice == "tiny":
-        return Profile("tiny", reason, max_length=512, train_overrides=dict(TINY_TRAINING))
-    return Profile(choice, reason, max_length=1024)
+        return Profile("tiny", reason, max_length=512, pack_tokens=1024, train_overrides=dict(TINY_TRAINING))
+    return Profile(choice, reason, max_length=1024, pack_tokens=4096)
 
 
 def show_banner(profile: Profile) -> None:

@@ -1,8 +1,8 @@
 """Training pieces of lesson 05: model preparation, TrainingArguments defaults, collator, plots, memory.
 
 Defaults fit a 20–24 GB card: bf16 where supported (fp16 weights with fp32 LoRA parameters otherwise,
-so AMP never tries to unscale fp16 gradients), gradient checkpointing *with* input grads, batches of
-similar length padded only to their longest member.
+so AMP never tries to unscale fp16 gradients), gradient checkpointing *with* input grads, and one packed
+row of examples per step (``glmlora.packing``), so the GPU never computes on padding.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def training_arguments(output_dir: str | Path, **overrides: Any) -> TrainingArgu
     """``TrainingArguments`` with the course's defaults for a 20–24 GB card; any field can be overridden."""
     defaults: dict[str, Any] = dict(
         output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=4,
+        per_device_train_batch_size=1,  # one packed row (profile.pack_tokens tokens, ~15 exchanges)
+        gradient_accumulation_steps=1,
         learning_rate=2e-4,
         num_train_epochs=3,
         lr_scheduler_type="cosine",
@@ -63,7 +63,7 @@ def training_arguments(output_dir: str | Path, **overrides: Any) -> TrainingArgu
         save_total_limit=2,
         gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        train_sampling_strategy="group_by_length",
+        train_sampling_strategy="random",  # "group_by_length" when training on unpacked, padded batches
         report_to="none",
         remove_unused_columns=True,
         dataloader_num_workers=0,
@@ -77,7 +77,7 @@ def training_arguments(output_dir: str | Path, **overrides: Any) -> TrainingArgu
 
 
 def collator(tokenizer: ChatGLM3Tokenizer, pad_to_multiple_of: int | None = 8) -> DataCollatorForSeq2Seq:
-    """Pads each batch to its longest example (labels with -100), on the right."""
+    """For unpacked batches: pads each batch to its longest example (labels with -100), on the right."""
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE,
                                   pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
 

@@ -79,3 +79,16 @@ def test_to_messages_for_both_shapes():
                                            ("早点休息，120 分钟后再看", False)])
 def test_referral_keyword_rule(text, expected):
     assert is_referral(text) is expected
+
+
+def test_split_on_disk_is_remade_when_its_settings_change(tmp_path, monkeypatch):
+    from glmlora.pipeline import ensure_splits
+    from glmlora.profiles import select_profile
+
+    monkeypatch.setenv("GLMLORA_WORKDIR", str(tmp_path))
+    profile = select_profile("tiny")
+    train, val = ensure_splits(profile, val_fraction=0.1)
+    n_val = len(load_records(val))
+    assert ensure_splits(profile, val_fraction=0.1) == (train, val) and len(load_records(val)) == n_val
+    ensure_splits(profile, val_fraction=0.2)
+    assert len(load_records(val)) > n_val

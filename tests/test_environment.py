@@ -95,7 +95,9 @@ def test_modelscope_is_optional_for_tiny_but_required_for_full(monkeypatch, all_
 
 def test_old_modelscope_does_not_block_tiny(monkeypatch, all_ok):
     fake_versions(monkeypatch, modelscope="1.9.0")
-    assert check_environment("tiny").ok
+    report = check_environment("tiny")
+    assert report.ok
+    assert "| modelscope | 1.9.0 | >=1.20 | ⚠️ too old (optional here) |" in report.to_markdown()
     with pytest.raises(EnvironmentProblem, match="modelscope: too old"):
         check_environment("full")
 

@@ -1,0 +1,43 @@
+"""Fused Triton kernels from Liger for training on CUDA (lesson 05, GPU only).
+
+ChatGLM3's vocabulary is 65,024 wide: the logits of a 4,096-token row take 1 GiB in fp32 before the loss
+is even computed. Liger's fused linear + cross-entropy computes the loss chunk by chunk and never holds them;
+its RMSNorm and SwiGLU kernels save a few more passes over memory. Liger ships these for GLM-4, whose
+causal-LM head, norms and MLP have the same structure as ChatGLM3's, so they are bound to this model here.
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+from typing import Any
+
+
+def liger_available() -> bool:
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def apply_liger(model: Any) -> bool:
+    """Patch ``model`` (a ``GlmForCausalLM``, possibly inside a PEFT wrapper) in place; False if not possible."""
+    if not liger_available():
+        return False
+    from liger_kernel.transformers.model.glm4 import lce_forward
+    from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
+    from liger_kernel.transformers.swiglu import LigerPhi3SwiGLUMLP
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm.forward = MethodType(lce_forward, causal_lm)
+    decoder = causal_lm.model
+    _patch_rms_norm_module(decoder.norm, in_place=False)
+    for layer in decoder.layers:
+        _patch_rms_norm_module(layer.input_layernorm, in_place=False)
+        _patch_rms_norm_module(layer.post_attention_layernorm, in_place=False)
+        _patch_swiglu_module(layer.mlp, LigerPhi3SwiGLUMLP)
+    return True
