@@ -267,7 +267,7 @@ def convert_checkpoint(src: str | Path, out: str | Path | None = None, progress:
     stamp = {"format": FORMAT_VERSION, "source": str(src.resolve()), "files": _fingerprint(src, files)}
     if (out / MARKER).is_file():
         if json.loads((out / MARKER).read_text(encoding="utf-8")) == stamp:
-            return ConversionReport(out, True, len(files), _count_params(out))
+            return ConversionReport(out, True, len(files), count_parameters(out))
         shutil.rmtree(out)  # ours, but made from other source files
     elif out.exists():
         raise ConversionError(f"{out} exists and is not a glmlora conversion; move it away or choose another "
@@ -298,10 +298,11 @@ def convert_checkpoint(src: str | Path, out: str | Path | None = None, progress:
     tokenizer.save_pretrained(partial)
     (partial / MARKER).write_text(json.dumps(stamp, indent=2))
     partial.rename(out)
-    return ConversionReport(out, False, len(files), _count_params(out))
+    return ConversionReport(out, False, len(files), count_parameters(out))
 
 
-def _count_params(native: Path) -> int:
+def count_parameters(native: Path) -> int:
+    """Parameters of a converted directory, read from the safetensors headers (no weights loaded)."""
     index = json.loads((native / "model.safetensors.index.json").read_text(encoding="utf-8"))
     count = 0
     for name in sorted(set(index["weight_map"].values())):

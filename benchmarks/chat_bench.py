@@ -1,0 +1,162 @@
+"""Decode speed at batch 1: the original tutorial's chat loop vs glmlora's helper, in ONE run on one card.
+
+    python benchmarks/chat_bench.py --model /tmp/chatglm3-6b-random
+
+A 512-token prompt, 256 new tokens, sampling (top_p 0.8, temperature 0.8; min_new_tokens pins the length,
+since random weights stop anywhere). Prints decode tokens/s, time to first token, the bandwidth bound
+(weight bytes / device-to-device copy bandwidth measured here) and batched generation for evaluation use.
+
+  a  the original loop: PeftModel *unmerged* on fp16 weights, generate(max_length=prompt + 256)
+  b  glmlora: LoRA merged into bf16 weights, static KV cache with compiled decoding
+     (glmlora.generate's CUDA path), stop ids
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from glmlora import load_model, load_tokenizer  # noqa: E402
+from glmlora.chatglm3 import ensure_native  # noqa: E402
+from glmlora.generate import GenerationSettings, _generate_kwargs, generate_batch  # noqa: E402
+from glmlora.lora import lora_config  # noqa: E402
+from glmlora.tiny import build_full_random, build_tiny  # noqa: E402
+
+NEW = 256
+
+
+def copy_bandwidth(gib: int = 4) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    src = torch.empty(gib * 1024 ** 3, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * src.numel() * 5 / (time.perf_counter() - start)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_generate(model, ids, **kw) -> tuple[float, float, int]:
+    """(time to first token, decode tokens/s, new tokens) for one generate call, after a warm-up call."""
+    mask = torch.ones_like(ids)
+    model.generate(ids, attention_mask=mask, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    model.generate(ids, attention_mask=mask, **{**kw, "max_new_tokens": 1, "min_new_tokens": 1})
+    sync()
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, **kw)
+    sync()
+    total = time.perf_counter() - t0
+    new = out.shape[1] - ids.shape[1]
+    return ttft, (new - 1) / (total - ttft), new
+
+
+def random_adapter(model):
+    """An untrained-looking LoRA with non-zero B, so merging really changes the weights."""
+    from peft import get_peft_model
+
+    peft = get_peft_model(model, lora_config())
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    return peft
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--size", choices=["full", "tiny"], default="full")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--batches", default="8,32")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    (build_full_random(args.model, device=device) if args.size == "full" else build_tiny(args.model))
+    native = ensure_native(args.model)
+    tok = load_tokenizer(native)
+    weight_bytes = sum(f.stat().st_size for f in native.glob("*.safetensors"))
+    bw = copy_bandwidth()
+    bound = bw / weight_bytes
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, tok.sp.get_piece_size(), (1, args.prompt_tokens), generator=gen).to(device)
+    ids[0, :2] = torch.tensor(tok.prefix_ids())
+    sampling = dict(do_sample=True, top_p=0.8, temperature=0.8)
+    results = {}
+
+    # (a) the original tutorial's loop
+    base = load_model(native, dtype=torch.float16, device_map=device)
+    base.generation_config.max_new_tokens = None  # the original download's config has none: max_length rules
+    model = random_adapter(base).eval()
+    with torch.inference_mode():
+        ttft, tps, new = timed_generate(model, ids, max_length=ids.shape[1] + NEW, min_new_tokens=NEW,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=0, **sampling)
+    results["a"] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new}
+    print("a", results["a"], flush=True)
+    merged = model.merge_and_unload().to(torch.bfloat16).eval()
+    del model
+
+    # (b) glmlora's helper: merged weights, static cache + compiled decode step
+    settings = GenerationSettings(max_new_tokens=NEW)
+    kw = {**_generate_kwargs(tok, settings, fast=device == "cuda"), "min_new_tokens": NEW}
+    try:
+        with torch.inference_mode():
+            ttft, tps, new = timed_generate(merged, ids, **kw)
+        results["b"] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new}
+    except Exception as e:  # record why the fast path failed, then measure the plain path
+        print(f"fast path failed: {type(e).__name__}: {e}", flush=True)
+        results["b_error"] = f"{type(e).__name__}: {e}"[:500]
+        kw = {**_generate_kwargs(tok, settings, fast=False), "min_new_tokens": NEW}
+        with torch.inference_mode():
+            ttft, tps, new = timed_generate(merged, ids, **kw)
+        results["b"] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new, "fast": False}
+    print("b", results["b"], flush=True)
+
+    # batched generation for evaluation (greedy, left-padded, 128 new tokens)
+    convs = [[{"role": "user", "content": tok.decode(ids[0, 2 + i: 200 + 7 * i].tolist())}] for i in range(32)]
+    for b in [int(x) for x in args.batches.split(",")]:
+        sync()
+        t0 = time.perf_counter()
+        generate_batch(merged, tok, convs[:b], GenerationSettings(do_sample=False, max_new_tokens=128),
+                       batch_size=b, progress=False)
+        sync()
+        seconds = time.perf_counter() - t0
+        results[f"batch{b}"] = {"seconds": seconds, "samples_per_s": b / seconds}
+        print(f"batch {b}", results[f"batch{b}"], flush=True)
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\n{card}; torch {torch.__version__}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
+          f"{bw / 1e12:.2f} TB/s; bound {bound:.0f} tokens/s")
+    print("| variant | decode tok/s | % of bound | TTFT ms (512-token prompt) |\n|---|---|---|---|")
+    for name in ("a", "b"):
+        r = results[name]
+        print(f"| {name} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / bound:.0%} | {r['ttft_ms']:.1f} |")
+    print(f"speed-up b/a: {results['b']['decode_tok_s'] / results['a']['decode_tok_s']:.1f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"card": card, "torch": torch.__version__, "bandwidth": bw,
+                                         "weight_bytes": weight_bytes, "bound": bound, **results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU-machine runs (full-size random-weight ChatGLM3-6B). Usage: bash benchmarks/gpu_session.sh STAGE...
+#   train      benchmarks/train_bench.py (original recipe vs glmlora defaults)
+#   chat       benchmarks/chat_bench.py (decode speed, batched generation)
+#   notebooks  notebooks 04-07 under nbval with GLMLORA_PROFILE=full-random, time and peak memory each
+# Wheels the machine lacks travel in .whl/, extra benchmark data in .gpu/data/ (both git-ignored).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 GLMLORA_WORKDIR=/tmp/glmlora-work GLMLORA_MODEL_CACHE=/tmp/models
+MODEL=$GLMLORA_MODEL_CACHE/chatglm3-6b-random
+if [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD
+python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"
+DATA=$(ls .gpu/data/*.jsonl 2>/dev/null)
+for stage in "$@"; do
+  case $stage in
+    train) python3 benchmarks/train_bench.py --model "$MODEL" --data $DATA --json "$OUT/train_bench.json" 2>&1 | grep -v "it/s\]" ;;
+    chat) python3 benchmarks/chat_bench.py --model "$MODEL" --json "$OUT/chat_bench.json" 2>&1 | grep -v "it/s\]" ;;
+    notebooks)
+      python3 -m ipykernel install --prefix /tmp/kernel --name python3 >/dev/null && export JUPYTER_PATH=/tmp/kernel/share/jupyter
+      for nb in notebooks/0[4-7]*.ipynb; do
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > /tmp/mem.log & SMI=$!
+        start=$(date +%s)
+        (cd notebooks && GLMLORA_PROFILE=full-random python3 -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env "$(basename "$nb")" 2>&1 | tail -3)
+        kill $SMI; peak=$(sort -n /tmp/mem.log | tail -1)
+        echo "NOTEBOOK $(basename "$nb") $(( $(date +%s) - start )) s, peak GPU memory used ${peak} MiB (nvidia-smi)"
+      done ;;
+  esac
+done
