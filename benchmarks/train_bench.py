@@ -15,6 +15,7 @@ Variants:
   b  glmlora's defaults: bf16, packed rows of 4,096 tokens (bs 1 x GA 1), Liger fused kernels,
      checkpointing, lr 2e-4
   c  diagnostic: bf16 with AMP, dynamic padding, bs 4 x GA 2 (the "naive" run that was slower than (a))
+  d  (b) with every decoder layer torch.compile'd (Liger only for the loss head)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from glmlora import load_model, load_tokenizer  # noqa: E402
 from glmlora.chatglm3 import count_parameters, ensure_native  # noqa: E402
 from glmlora.data import load_records, sample_data_path, to_messages  # noqa: E402
-from glmlora.fast import apply_liger  # noqa: E402
+from glmlora.fast import apply_liger, compile_layers  # noqa: E402
 from glmlora.formatting import tokenize_records  # noqa: E402
 from glmlora.lora import lora_config  # noqa: E402
 from glmlora.packing import PackedDataset  # noqa: E402
@@ -123,16 +124,18 @@ def run_variant(name: str, native: Path, records: list, args: argparse.Namespace
                                    train_sampling_strategy="random", **common)
         collate = meter.wrap(DataCollatorForSeq2Seq(tok, padding=True), lambda b: b["input_ids"].shape[0])
         per_step = 2
-    elif name == "b":
+    elif name in ("b", "d"):
         model = add_lora(load_model(native, dtype=torch.bfloat16, device_map=args.device), lora_config())
-        liger = apply_liger(model)
+        liger = apply_liger(model, layers=name == "b")
+        if name == "d":
+            compile_layers(model)
         feats, _ = tokenize_records(records, tok, max_length=1024)
         ds = PackedDataset(feats, args.pack_tokens, seed=0)
         targs = training_arguments(out, **common)
         collate = meter.wrap(default_data_collator,
                              lambda b: int((b["position_ids"][:, 1:] == 0).sum() + b["position_ids"].shape[0]))
         per_step = targs.gradient_accumulation_steps
-        print(f"(b) Liger kernels: {'on' if liger else 'off'}; {ds}", flush=True)
+        print(f"({name}) Liger kernels: {'on' if liger else 'off'}; {ds}", flush=True)
     else:
         model = add_lora(load_model(native, dtype=torch.bfloat16, device_map=args.device), lora_config())
         ds, _ = tokenize_records(records, tok, max_length=1024)

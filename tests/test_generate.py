@@ -80,3 +80,13 @@ def test_sampling_settings_reach_generate(memorised):
     b = chat(model, tok, "random words", settings=GenerationSettings(temperature=5.0, top_p=1.0, max_new_tokens=8))
     assert a == b
     assert "top_p" not in GenerationSettings(do_sample=False).kwargs()
+
+
+def test_static_cache_path_gives_the_same_reply_and_reuses_one_cache(memorised):
+    model, tok, records, *_ = memorised
+    plain, _ = chat(model, tok, records[0]["input"], settings=GREEDY, fast=False)
+    fast, _ = chat(model, tok, records[0]["input"], settings=GREEDY, fast=True, max_context=512)
+    cache = model._glmlora_static_cache[1]
+    again = "".join(stream_chat(model, tok, records[1]["input"], settings=GREEDY, fast=True, max_context=512))
+    assert fast == plain and model._glmlora_static_cache[1] is cache
+    assert again == chat(model, tok, records[1]["input"], settings=GREEDY, fast=False)[0]
