@@ -16,6 +16,7 @@ Variants:
      checkpointing, lr 2e-4
   c  diagnostic: bf16 with AMP, dynamic padding, bs 4 x GA 2 (the "naive" run that was slower than (a))
   d  (b) with every decoder layer torch.compile'd (Liger only for the loss head)
+  e  (d) with flex attention: the block-diagonal packing mask skips the blocks between examples
 """
 
 from __future__ import annotations
@@ -124,10 +125,12 @@ def run_variant(name: str, native: Path, records: list, args: argparse.Namespace
                                    train_sampling_strategy="random", **common)
         collate = meter.wrap(DataCollatorForSeq2Seq(tok, padding=True), lambda b: b["input_ids"].shape[0])
         per_step = 2
-    elif name in ("b", "d"):
-        model = add_lora(load_model(native, dtype=torch.bfloat16, device_map=args.device), lora_config())
+    elif name in ("b", "d", "e"):
+        attn = "flex_attention" if name == "e" else "sdpa"
+        model = add_lora(load_model(native, dtype=torch.bfloat16, device_map=args.device,
+                                    attn_implementation=attn), lora_config())
         liger = apply_liger(model, layers=name == "b")
-        if name == "d":
+        if name in ("d", "e"):
             compile_layers(model)
         feats, _ = tokenize_records(records, tok, max_length=1024)
         ds = PackedDataset(feats, args.pack_tokens, seed=0)

@@ -36,7 +36,13 @@ def apply_liger(model: Any, layers: bool = True) -> bool:
     from liger_kernel.transformers.swiglu import LigerPhi3SwiGLUMLP
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    causal_lm.forward = MethodType(lce_forward, causal_lm)
+
+    def forward(self: Any, *args: Any, labels: Any = None, skip_logits: Any = None, **kwargs: Any) -> Any:
+        # With labels, only the loss is needed (training and evaluation alike): never build the logits.
+        skip = skip_logits if skip_logits is not None else labels is not None
+        return lce_forward(self, *args, labels=labels, skip_logits=skip, **kwargs)
+
+    causal_lm.forward = MethodType(forward, causal_lm)
     if not layers:
         return True
     decoder = causal_lm.model

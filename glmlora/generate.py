@@ -7,6 +7,7 @@ bounded by ``max_new_tokens`` (not ``max_length``, which counts the prompt), it 
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from threading import Thread
 from typing import Any, Iterator, Sequence
@@ -57,10 +58,20 @@ def fit_history(tokenizer: ChatGLM3Tokenizer, messages: Messages, max_context: i
         rest = rest[2:] if rest[0]["role"] == "user" and len(rest) > 2 else rest[1:]
 
 
+_TOOL_NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
+
+
 def split_reply(text: str) -> tuple[str, str]:
-    """ChatGLM3 replies start with a metadata line (a tool name, normally empty): ``(metadata, content)``."""
-    metadata, _, content = text.partition("\n")
-    return metadata.strip(), content.strip()
+    """ChatGLM3 replies start with a metadata line (a tool name, normally empty): ``(metadata, content)``.
+
+    A first line that is no tool name means the model skipped the metadata line (an untrained model
+    does): then all of it is content, rather than a silently empty reply.
+    """
+    metadata, newline, content = text.partition("\n")
+    metadata = metadata.strip()
+    if not newline or (metadata and not _TOOL_NAME.match(metadata)):
+        return "", text.strip()
+    return metadata, content.strip()
 
 
 def _context(model: Any, max_context: int | None, fast: bool) -> int:
@@ -143,7 +154,7 @@ def stream_chat(model: Any, tokenizer: ChatGLM3Tokenizer, query: str, history: M
     fast = _use_fast_path(model, fast)
     context = _context(model, max_context, fast)
     ids = _prompt(tokenizer, conversation(query, history, system), model, settings, context)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = ReplyStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                   **_generate_kwargs(tokenizer, settings, model if fast else None, context))
     worker = Thread(target=_generate_quietly, args=(model, kwargs), daemon=True)
@@ -151,15 +162,50 @@ def stream_chat(model: Any, tokenizer: ChatGLM3Tokenizer, query: str, history: M
     text, sent = "", 0
     for piece in streamer:
         text += piece
-        if "\n" not in text:
-            continue  # still inside the metadata line
-        content = text.partition("\n")[2].strip()  # trailing spaces wait for the next piece
-        if len(content) > sent:
+        content = _visible_content(text)
+        if content is not None and len(content) > sent:
             yield content[sent:]
             sent = len(content)
     worker.join()
     if isinstance(kwargs.get("error"), BaseException):
         raise kwargs["error"]
+    final = split_reply(text)[1]  # e.g. no metadata line at all: nothing was shown yet
+    if len(final) > sent:
+        yield final[sent:]
+
+
+class ReplyStreamer(TextIteratorStreamer):
+    """A ``TextIteratorStreamer`` that re-decodes the whole reply at every token.
+
+    The stock streamer restarts decoding after each newline; sentencepiece then drops the leading space
+    of the next piece, so the streamed text would differ from the final reply. Holding back a trailing
+    incomplete UTF-8 character keeps every emitted piece final.
+    """
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1:
+            value = value[0]
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self.token_cache.extend(value.tolist())
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        if not text.endswith("\ufffd") and len(text) > self.print_len:
+            self.on_finalized_text(text[self.print_len:])
+            self.print_len = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs) if self.token_cache else ""
+        self.on_finalized_text(text[self.print_len:], stream_end=True)
+        self.token_cache, self.print_len, self.next_tokens_are_prompt = [], 0, True
+
+
+def _visible_content(text: str) -> str | None:
+    """The reply shown so far, or None while the first line may still be a metadata (tool name) line."""
+    first, newline, _ = text.partition("\n")
+    if not newline and (not first.strip() or _TOOL_NAME.match(first.strip())):
+        return None
+    return text.strip() if not newline else split_reply(text)[1]
 
 
 def _generate_quietly(model: Any, kwargs: dict[str, Any]) -> None:

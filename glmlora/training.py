@@ -65,6 +65,7 @@ def training_arguments(output_dir: str | Path, **overrides: Any) -> TrainingArgu
         gradient_checkpointing_kwargs={"use_reentrant": False},
         train_sampling_strategy="random",  # "group_by_length" when training on unpacked, padded batches
         report_to="none",
+        prediction_loss_only=True,  # evaluation needs the loss only: no 65,024-wide logits kept
         remove_unused_columns=True,
         dataloader_num_workers=0,
         seed=42,

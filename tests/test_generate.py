@@ -29,6 +29,8 @@ def test_fit_history_drops_oldest_exchanges_but_keeps_system(memorised):
 def test_split_reply_separates_the_metadata_line():
     assert split_reply("\n 你好，我在。 ") == ("", "你好，我在。")
     assert split_reply("get_hotline\n {\"country\": \"CN\"}") == ("get_hotline", '{"country": "CN"}')
+    assert split_reply("没有元数据行的回答") == ("", "没有元数据行的回答")
+    assert split_reply("第一行不是工具名\n第二行") == ("", "第一行不是工具名\n第二行")
 
 
 def test_decode_reply_cuts_at_the_first_stop_id(memorised):
