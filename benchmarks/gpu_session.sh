@@ -2,7 +2,8 @@
 # GPU-machine runs (full-size random-weight ChatGLM3-6B). Usage: bash benchmarks/gpu_session.sh STAGE...
 #   train      benchmarks/train_bench.py (original recipe vs glmlora defaults)
 #   chat       benchmarks/chat_bench.py (decode speed, batched generation)
-#   notebooks  notebooks 04-07 under nbval with GLMLORA_PROFILE=full-random, time and peak memory each
+#   notebooks  notebooks 04-07 under nbval with GLMLORA_PROFILE=full-random, time and peak memory each,
+#              then 05 and 07 through nbclient for their SUMMARY lines
 # Wheels the machine lacks travel in .whl/, extra benchmark data in .gpu/data/ (both git-ignored).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,8 @@ for stage in "$@"; do
         (cd notebooks && GLMLORA_PROFILE=full-random python3 -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env "$(basename "$nb")" 2>&1 | tail -3)
         kill $SMI; peak=$(sort -n /tmp/mem.log | tail -1)
         echo "NOTEBOOK $(basename "$nb") $(( $(date +%s) - start )) s, peak GPU memory used ${peak} MiB (nvidia-smi)"
-      done ;;
+      done
+      # once more through nbclient for the SUMMARY lines (evaluation answers/s among them)
+      GLMLORA_PROFILE=full-random python3 tools/run_notebooks.py --out "$OUT" notebooks/05_lora_training.ipynb notebooks/07_evaluation.ipynb 2>&1 | grep -v "it/s" | tail -8 ;;
   esac
 done
