@@ -30,6 +30,6 @@ for stage in "$@"; do
         echo "NOTEBOOK $(basename "$nb") $(( $(date +%s) - start )) s, peak GPU memory used ${peak} MiB (nvidia-smi)"
       done
       # once more through nbclient for the SUMMARY lines (evaluation answers/s among them)
-      GLMLORA_PROFILE=full-random python3 tools/run_notebooks.py --out "$OUT" notebooks/05_lora_training.ipynb notebooks/07_evaluation.ipynb 2>&1 | grep -v "it/s" | tail -8 ;;
+      GLMLORA_PROFILE=full-random python3 tools/run_notebooks.py --out "$OUT" notebooks/07_evaluation.ipynb 2>&1 | grep -v "it/s" | tail -8 ;;
   esac
 done

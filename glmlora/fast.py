@@ -8,6 +8,7 @@ causal-LM head, norms and MLP have the same structure as ChatGLM3's, so they are
 
 from __future__ import annotations
 
+import functools
 from types import MethodType
 from typing import Any
 
@@ -37,6 +38,7 @@ def apply_liger(model: Any, layers: bool = True) -> bool:
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
 
+    @functools.wraps(lce_forward)  # keeps the signature: Trainer keeps only the columns forward() names
     def forward(self: Any, *args: Any, labels: Any = None, skip_logits: Any = None, **kwargs: Any) -> Any:
         # With labels, only the loss is needed (training and evaluation alike): never build the logits.
         skip = skip_logits if skip_logits is not None else labels is not None
