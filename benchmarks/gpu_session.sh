@@ -18,7 +18,7 @@ python3 -c "import torch, transformers, peft; print(torch.__version__, transform
 DATA=$(ls .gpu/data/*.jsonl 2>/dev/null)
 for stage in "$@"; do
   case $stage in
-    train) python3 benchmarks/train_bench.py --model "$MODEL" --data $DATA --variants "${VARIANTS:-a,b,c,d}" --json "$OUT/train_bench.json" 2>&1 | grep -v "it/s\]" ;;
+    train) python3 benchmarks/train_bench.py --model "$MODEL" --data $DATA --variants "${VARIANTS:-a,e}" --json "$OUT/train_bench.json" 2>&1 | grep -v "it/s\]" ;;
     chat) python3 benchmarks/chat_bench.py --model "$MODEL" --json "$OUT/chat_bench.json" 2>&1 | grep -v "it/s\]" ;;
     notebooks)
       python3 -m ipykernel install --prefix /tmp/kernel --name python3 >/dev/null && export JUPYTER_PATH=/tmp/kernel/share/jupyter

@@ -66,3 +66,25 @@ def compile_layers(model: Any) -> int:
     for layer in causal_lm.model.layers:
         layer.compile()
     return len(causal_lm.model.layers)
+
+
+def training_attention() -> str:
+    """Attention for training on packed rows: flex attention on CUDA skips the masked blocks between
+    examples (measured 1.36x over SDPA's dense masked kernel); SDPA elsewhere (flex has no CPU backward)."""
+    import torch
+
+    return "flex_attention" if torch.cuda.is_available() else "sdpa"
+
+
+def speed_up(model: Any) -> list[str]:
+    """glmlora's measured training configuration on CUDA: Liger's fused loss head + compiled decoder layers.
+
+    Returns what was applied (nothing on CPU). BENCHMARKS.md has the measurements behind each choice.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    applied = ["liger fused linear cross-entropy"] if apply_liger(model, layers=False) else []
+    compile_layers(model)
+    return applied + ["torch.compile per decoder layer"]

@@ -73,7 +73,7 @@ def train_adapter(profile: Profile, **overrides: Any) -> Path:
     """Lesson 05 in one call (what its cells do step by step); returns the saved adapter directory."""
     from transformers import Trainer, default_data_collator
 
-    from .fast import apply_liger
+    from .fast import speed_up, training_attention
     from .formatting import tokenize_records
     from .lora import lora_config
     from .packing import PackedDataset
@@ -82,8 +82,8 @@ def train_adapter(profile: Profile, **overrides: Any) -> Path:
     native = ensure_native_model(profile)
     train_path, val_path = ensure_splits(profile)
     tokenizer = load_tokenizer(native)
-    model = add_lora(load_model(native), lora_config())
-    apply_liger(model)
+    model = add_lora(load_model(native, attn_implementation=training_attention()), lora_config())
+    speed_up(model)
     train_ds, _ = tokenize_records(load_records(train_path), tokenizer, profile.max_length)
     val_ds, _ = tokenize_records(load_records(val_path), tokenizer, profile.max_length)
     args = training_arguments(profile.run_dir, eval_strategy="epoch",
