@@ -249,34 +249,72 @@ def check_environment(profile_name: str | None = None) -> EnvironmentReport:
     return report
 
 
+#: Measured on an H200 with the full-size 6B model (BENCHMARKS.md): the bf16 weights take ~11.6 GiB, a LoRA
+#: training step on packed rows of 4,096 tokens peaks at 13.4 GiB allocated (13.6 GiB reserved), and the
+#: whole lesson-05 process shows 15.7 GB in nvidia-smi (CUDA context, allocator cache and all).
+WEIGHTS_GIB = 11.6
+MEASURED_PEAK_GIB, MEASURED_PACK_TOKENS, MEASURED_NVIDIA_SMI_GB = 13.4, 4096, 15.7
+#: Activations (with gradient checkpointing) grow by roughly this much per 1,024 tokens of packed row.
+GIB_PER_1024_TOKENS = 0.5
+#: Cards reporting at least this much (a "20 GB" quarter A100 shows ~19.5 GiB) train on 4,096-token rows.
+FULL_ROW_GIB = 18
+
+
 @dataclass(frozen=True)
 class TrainingSuggestion:
-    """Settings that fit a GPU's memory; the effective batch stays 16 so results stay comparable."""
+    """Packed-row settings that fit a GPU's memory (lesson 05's ``PACK_TOKENS`` and ``TRAINING``).
+
+    Training feeds one packed row of ``pack_tokens`` tokens per step (several examples, each cut to at most
+    ``max_length`` tokens); shorter rows with more gradient accumulation keep the tokens per optimizer step
+    (``tokens_per_step``) the same, so results stay comparable across cards.
+    """
 
     profile: str
-    per_device_train_batch_size: int
+    pack_tokens: int
     gradient_accumulation_steps: int
     max_length: int
     reason: str
     precision: str = "bf16"
 
     @property
-    def effective_batch(self) -> int:
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+    def per_device_train_batch_size(self) -> int:
+        """Always one packed row per device and step; memory is tuned with ``pack_tokens`` instead."""
+        return 1
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Row tokens per optimizer step: ``pack_tokens`` x ``gradient_accumulation_steps``."""
+        return self.pack_tokens * self.gradient_accumulation_steps
+
+    @property
+    def estimated_peak_gib(self) -> float | None:
+        """Rough peak allocated GPU memory of a 6B training step: the measured 13.4 GiB at 4,096-token rows,
+        ~0.5 GiB less per 1,024 tokens shorter. None for the tiny model (a few MB)."""
+        if self.profile == "tiny":
+            return None
+        return MEASURED_PEAK_GIB - GIB_PER_1024_TOKENS * (MEASURED_PACK_TOKENS - self.pack_tokens) / 1024
 
     def overrides(self) -> dict[str, Any]:
-        """Keyword arguments for ``glmlora.training.training_arguments``."""
-        return {"per_device_train_batch_size": self.per_device_train_batch_size,
-                "gradient_accumulation_steps": self.gradient_accumulation_steps}
+        """``TrainingArguments`` keywords for ``glmlora.training.training_arguments`` (lesson 05's ``TRAINING``).
+
+        The row length is not a ``TrainingArguments`` field: pass :attr:`pack_tokens` as ``PACK_TOKENS``.
+        """
+        return {"gradient_accumulation_steps": self.gradient_accumulation_steps}
 
 
 def suggest_training_config(gpu_gib: float | None = None, bf16: bool | None = None) -> TrainingSuggestion:
-    """Batch size, accumulation and max_length for a card of ``gpu_gib`` (None: this machine's GPU 0).
+    """Packed-row length, accumulation and ``max_length`` for a card of ``gpu_gib`` (None: this machine's GPU 0).
 
-    Cards report a little less than their label (an RTX 3090 "24 GB" shows 23.7 GiB, a quarter A100
-    "20 GB" about 19.5), so the thresholds sit below the labels; below ``MIN_GPU_GIB`` (16) the automatic
-    profile is tiny, and so is the suggestion.  Measured: ChatGLM3-6B LoRA with
-    gradient checkpointing peaks near 14 GiB at bs 4 x 512 tokens; activations grow with bs x length.
+    Cards report a little less than their label (an RTX 3090 "24 GB" shows 23.7 GiB, a quarter A100 "20 GB"
+    about 19.5), so the thresholds sit below the labels:
+
+    * >= 18 GiB: rows of 4,096 tokens, no accumulation. Measured (BENCHMARKS.md): ChatGLM3-6B LoRA with
+      gradient checkpointing peaks at 13.4 GiB allocated on such rows, and the whole lesson-05 process shows
+      15.7 GB in nvidia-smi;
+    * 16-18 GiB: rows of 2,048 tokens x accumulation 2 — the same tokens per optimizer step, about 1 GiB less
+      (activations grow by roughly 0.5 GiB per 1,024 tokens of row above the ~11.6 GiB of bf16 weights);
+    * below ``MIN_GPU_GIB`` (16): the automatic profile is tiny, and so is the suggestion (its
+      rows of 1,024 tokens, examples of at most 512).
     """
     from .profiles import MIN_GPU_GIB
 
@@ -285,17 +323,19 @@ def suggest_training_config(gpu_gib: float | None = None, bf16: bool | None = No
         gpu_gib = info.gpu_memory_gib if gpu_gib is None else gpu_gib
         bf16 = info.bf16 if bf16 is None else bf16
     precision = "bf16" if bf16 else "fp16 weights + fp32 LoRA (fp16 AMP)"
-    if gpu_gib >= 22:
-        return TrainingSuggestion("full", 4, 4, 1024, f"{gpu_gib:.0f} GB: room for 4 sequences of 1024", precision)
-    if gpu_gib >= 18:
-        return TrainingSuggestion("full", 2, 8, 1024, f"{gpu_gib:.0f} GB: halve the batch, double accumulation",
-                                  precision)
+    if gpu_gib >= FULL_ROW_GIB:
+        return TrainingSuggestion(
+            "full", 4096, 1, 1024,
+            f"{gpu_gib:.1f} GiB: rows of 4,096 tokens fit — measured peak {MEASURED_PEAK_GIB} GiB allocated, "
+            f"{MEASURED_NVIDIA_SMI_GB} GB in nvidia-smi for the whole notebook (BENCHMARKS.md)", precision)
     if gpu_gib >= MIN_GPU_GIB:
-        return TrainingSuggestion("full", 1, 16, 512, f"{gpu_gib:.0f} GB: one sequence of 512 at a time",
-                                  precision)
-    why = f"{gpu_gib:.0f} GB is too little for the 6B model" if gpu_gib else "no CUDA GPU"
-    return TrainingSuggestion("tiny", 8, 1, 256, f"{why}: learn with the tiny model", "fp32 (CPU)" if not gpu_gib
-                              else precision)
+        return TrainingSuggestion(
+            "full", 2048, 2, 1024,
+            f"{gpu_gib:.1f} GiB: tight for 4,096-token rows ({MEASURED_NVIDIA_SMI_GB} GB in nvidia-smi); rows of "
+            f"2,048 x accumulation 2 train on the same tokens per step with ~1 GiB less", precision)
+    why = f"{gpu_gib:.1f} GiB is too little for the 6B model" if gpu_gib else "no CUDA GPU"
+    return TrainingSuggestion("tiny", 1024, 1, 512, f"{why}: learn with the tiny model",
+                              precision if gpu_gib else "fp32 (CPU)")
 
 
 __all__ = ["EnvironmentProblem", "EnvironmentReport", "MachineInfo", "PackageStatus", "REQUIREMENTS",

@@ -132,26 +132,62 @@ def test_machine_info_without_gpu(monkeypatch):
     assert info.cpu_count >= 1 and info.python.count(".") == 2
 
 
-@pytest.mark.parametrize("gib, bs, ga, length", [(24, 4, 4, 1024), (23.7, 4, 4, 1024), (80, 4, 4, 1024),
-                                                  (20, 2, 8, 1024), (19.5, 2, 8, 1024)])
-def test_suggestion_for_big_cards(gib, bs, ga, length):
+@pytest.mark.parametrize("gib, profile, pack, ga, length", [
+    (80, "full", 4096, 1, 1024),
+    (24, "full", 4096, 1, 1024),
+    (23.7, "full", 4096, 1, 1024),   # an RTX 3090 / 4090 "24 GB"
+    (20, "full", 4096, 1, 1024),
+    (19.5, "full", 4096, 1, 1024),   # a quarter A100 "20 GB"
+    (18, "full", 4096, 1, 1024),
+    (17, "full", 2048, 2, 1024),
+    (16, "full", 2048, 2, 1024),
+    (15.1, "tiny", 1024, 1, 512),    # a "16 GB" T4 reports 15.1 GiB
+    (8, "tiny", 1024, 1, 512),
+    (0, "tiny", 1024, 1, 512),
+])
+def test_suggestion_per_card(gib, profile, pack, ga, length):
     s = suggest_training_config(gib, bf16=True)
-    assert (s.profile, s.per_device_train_batch_size, s.gradient_accumulation_steps, s.max_length) == \
-        ("full", bs, ga, length)
-    assert s.effective_batch == 16 and s.precision == "bf16"
-    assert s.overrides() == {"per_device_train_batch_size": bs, "gradient_accumulation_steps": ga}
+    assert (s.profile, s.pack_tokens, s.gradient_accumulation_steps, s.max_length) == (profile, pack, ga, length)
+    assert s.per_device_train_batch_size == 1  # always one packed row per step
+    assert s.overrides() == {"gradient_accumulation_steps": ga}
+
+
+def test_suggestion_matches_the_profiles():
+    from glmlora.profiles import select_profile
+
+    for name, gib in (("full", 24), ("tiny", 0)):
+        p, s = select_profile(name), suggest_training_config(gib, bf16=bool(gib))
+        assert (s.pack_tokens, s.max_length) == (p.pack_tokens, p.max_length)
+
+
+def test_shorter_rows_keep_the_tokens_per_step():
+    big, mid = suggest_training_config(24, bf16=True), suggest_training_config(17, bf16=True)
+    assert big.tokens_per_step == mid.tokens_per_step == 4096
+    assert mid.estimated_peak_gib < big.estimated_peak_gib == environment.MEASURED_PEAK_GIB
+    assert suggest_training_config(8, bf16=True).estimated_peak_gib is None
+
+
+def test_big_card_reason_cites_the_measurement():
+    reason = suggest_training_config(23.7, bf16=True).reason
+    assert "13.4 GiB" in reason and "15.7 GB in nvidia-smi" in reason and "BENCHMARKS.md" in reason
+    assert "23.7 GiB" in reason
 
 
 def test_suggestion_for_small_cards_is_the_tiny_profile():
-    assert suggest_training_config(8, bf16=False).profile == "tiny"
-    assert suggest_training_config(15.1, bf16=False).profile == "tiny"  # a "16 GB" T4 reports 15.1 GiB
-    assert "no CUDA GPU" in suggest_training_config(0.0, bf16=False).reason
+    assert suggest_training_config(15.1, bf16=False).reason.startswith("15.1 GiB is too little")
+    no_gpu = suggest_training_config(0.0, bf16=False)
+    assert "no CUDA GPU" in no_gpu.reason and no_gpu.precision == "fp32 (CPU)"
 
 
-def test_suggestion_without_bf16_uses_fp16_with_fp32_lora():
+def test_suggestion_precision():
+    assert suggest_training_config(24, bf16=True).precision == "bf16"
     assert suggest_training_config(24, bf16=False).precision.startswith("fp16 weights + fp32 LoRA")
+    assert suggest_training_config(16, bf16=False).precision.startswith("fp16 weights + fp32 LoRA")
 
 
-def test_suggestion_between_16_and_20_gb_shortens_sequences():
-    s = suggest_training_config(16.0, bf16=True)
-    assert (s.profile, s.per_device_train_batch_size, s.max_length, s.effective_batch) == ("full", 1, 512, 16)
+def test_suggestion_reads_this_machine(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    s = suggest_training_config()
+    assert (s.profile, s.pack_tokens, s.precision) == ("tiny", 1024, "fp32 (CPU)")
