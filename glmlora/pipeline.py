@@ -105,6 +105,37 @@ def ensure_adapter(profile: Profile) -> Path:
     return train_adapter(profile)
 
 
+def memorise(profile: Profile, n_records: int = 6, epochs: int = 150, seed: int = 0):
+    """Train a LoRA hard on the ``n_records`` shortest single-turn training records (seconds on the tiny model).
+
+    The tiny model learns little from a normal run; memorising a handful of answers word for word shows that
+    the whole machinery — format, labels, LoRA, stop tokens, chat — works. Returns (merged model, tokenizer, records, the trainer's log history).
+    """
+    import torch
+    from transformers import Trainer
+
+    from .formatting import tokenize_records
+    from .lora import ALL_LINEAR_TARGETS, lora_config
+    from .training import add_lora, collator, training_arguments
+
+    train_path, _ = ensure_splits(profile)
+    singles = [r for r in load_records(train_path) if "messages" not in r]
+    records = sorted(singles, key=lambda r: len(r["output"]) + len(r["input"]) + len(r.get("system", "")))[:n_records]
+    native = ensure_native_model(profile)
+    tokenizer = load_tokenizer(native)
+    torch.manual_seed(seed)
+    model = add_lora(load_model(native, dtype=torch.float32),
+                     lora_config(r=16, alpha=32, dropout=0.0, target_modules=ALL_LINEAR_TARGETS))
+    features, _ = tokenize_records(records, tokenizer, max_length=profile.max_length)
+    args = training_arguments(profile.workdir / "runs" / f"{profile.name}-memorise", save_strategy="no",
+                              per_device_train_batch_size=n_records, num_train_epochs=epochs, learning_rate=1e-2,
+                              warmup_steps=0, logging_steps=max(1, epochs // 10), disable_tqdm=True, seed=seed)
+    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator(tokenizer),
+                      processing_class=tokenizer)
+    trainer.train()
+    return model.merge_and_unload().eval(), tokenizer, records, trainer.state.log_history
+
+
 def load_finetuned(profile: Profile, merge: bool = True, **model_kwargs: Any):
     """Base model + the lesson-05 adapter (merged into the weights by default, for fast chat)."""
     from peft import PeftModel
@@ -118,4 +149,4 @@ def load_finetuned(profile: Profile, merge: bool = True, **model_kwargs: Any):
 
 
 __all__ = ["ConversionError", "download_chatglm3", "ensure_adapter", "ensure_base_model", "ensure_native_model",
-           "ensure_splits", "load_finetuned", "train_adapter"]
+           "ensure_splits", "load_finetuned", "memorise", "train_adapter"]

@@ -40,29 +40,22 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def memorised(tiny_original, tmp_path_factory):
-    """A LoRA trained hard on a few short records of the bundled set: (model, tokenizer, records, trainer)."""
-    from transformers import Trainer
+def memorised(tmp_path_factory):
+    """glmlora.pipeline.memorise on the tiny profile: (merged model, tokenizer, records, log, conversations)."""
+    import os
 
-    from glmlora import load_model, load_tokenizer
-    from glmlora.chatglm3 import ensure_native
-    from glmlora.data import load_records, sample_data_path, to_messages
-    from glmlora.formatting import tokenize_records
-    from glmlora.lora import ALL_LINEAR_TARGETS, lora_config
-    from glmlora.training import add_lora, collator, training_arguments
+    from glmlora.data import to_messages
+    from glmlora.pipeline import memorise
+    from glmlora.profiles import select_profile
 
-    singles = [r for r in load_records(sample_data_path()) if "messages" not in r]
-    records = sorted(singles, key=lambda r: len(r["output"]) + len(r["input"]) + len(r.get("system", "")))[:6]
-    native = ensure_native(tiny_original)
-    tok = load_tokenizer(native)
-    torch.manual_seed(0)
-    model = add_lora(load_model(native, dtype=torch.float32), lora_config(r=16, alpha=32, dropout=0.0,
-                                                                          target_modules=ALL_LINEAR_TARGETS))
-    ds, _ = tokenize_records(records, tok, max_length=128)
-    args = training_arguments(tmp_path_factory.mktemp("run"), per_device_train_batch_size=6, num_train_epochs=150,
-                              learning_rate=1e-2, logging_steps=5, save_strategy="no", warmup_steps=0,
-                              disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator(tok), processing_class=tok)
-    trainer.train()
-    model.eval()
-    return model, tok, records, trainer, [to_messages(r) for r in records]
+    old = os.environ.get("GLMLORA_WORKDIR")
+    os.environ["GLMLORA_WORKDIR"] = str(tmp_path_factory.mktemp("memorise"))
+    try:
+        profile = select_profile("tiny")
+        model, tok, records, log = memorise(profile)
+    finally:
+        if old is None:
+            os.environ.pop("GLMLORA_WORKDIR")
+        else:
+            os.environ["GLMLORA_WORKDIR"] = old
+    return model, tok, records, log, [to_messages(r) for r in records]
