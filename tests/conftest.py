@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -39,23 +42,27 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="session")
-def memorised(tmp_path_factory):
-    """glmlora.pipeline.memorise on the tiny profile: (merged model, tokenizer, records, log, conversations)."""
-    import os
-
-    from glmlora.data import to_messages
-    from glmlora.pipeline import memorise
-    from glmlora.profiles import select_profile
-
+@contextmanager
+def private_workdir(path: Path) -> Iterator[None]:
+    """GLMLORA_WORKDIR pointed at ``path`` for the duration (session fixtures cannot use monkeypatch)."""
     old = os.environ.get("GLMLORA_WORKDIR")
-    os.environ["GLMLORA_WORKDIR"] = str(tmp_path_factory.mktemp("memorise"))
+    os.environ["GLMLORA_WORKDIR"] = str(path)
     try:
-        profile = select_profile("tiny")
-        model, tok, records, log = memorise(profile)
+        yield
     finally:
         if old is None:
             os.environ.pop("GLMLORA_WORKDIR")
         else:
             os.environ["GLMLORA_WORKDIR"] = old
+
+
+@pytest.fixture(scope="session")
+def memorised(tmp_path_factory):
+    """glmlora.pipeline.memorise on the tiny profile: (merged model, tokenizer, records, log, conversations)."""
+    from glmlora.data import to_messages
+    from glmlora.pipeline import memorise
+    from glmlora.profiles import select_profile
+
+    with private_workdir(tmp_path_factory.mktemp("memorise")):
+        model, tok, records, log = memorise(select_profile("tiny"))
     return model, tok, records, log, [to_messages(r) for r in records]

@@ -8,27 +8,19 @@ from glmlora.data import load_records
 from glmlora.evaluation import (answers, crisis_indices, heldout_loss, prompts_and_references, referral_rate)
 from glmlora.generate import GenerationSettings
 
+from conftest import private_workdir
+
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
     """Lesson 05 with the tiny profile's defaults, then lesson 06's reload (unmerged)."""
-    import os
-
     from glmlora.pipeline import load_finetuned
     from glmlora.profiles import select_profile
 
-    old = os.environ.get("GLMLORA_WORKDIR")
-    os.environ["GLMLORA_WORKDIR"] = str(tmp_path_factory.mktemp("work"))
-    try:
+    with private_workdir(tmp_path_factory.mktemp("work")):
         profile = select_profile("tiny")
         model, tok = load_finetuned(profile, merge=False)
-        _, val_path = profile.data_dir / "train.jsonl", profile.data_dir / "val.jsonl"
-        yield model, tok, load_records(val_path), profile
-    finally:
-        if old is None:
-            os.environ.pop("GLMLORA_WORKDIR")
-        else:
-            os.environ["GLMLORA_WORKDIR"] = old
+        yield model, tok, load_records(profile.data_dir / "val.jsonl"), profile
 
 
 def test_finetuned_heldout_loss_is_lower_than_the_base_model(finetuned):
