@@ -61,3 +61,10 @@ def test_liger_is_skipped_without_cuda(tiny):
     assert liger_available() is torch.cuda.is_available() or not liger_available()
     if not torch.cuda.is_available():
         assert apply_liger(model) is False
+
+
+def test_training_attention_on_this_machine():
+    from glmlora.fast import speed_up, training_attention
+
+    if not torch.cuda.is_available():
+        assert training_attention() == "sdpa" and speed_up(torch.nn.Linear(2, 2)) == []
