@@ -71,7 +71,7 @@ def ensure_splits(profile: Profile, source: str | Path | None = None, val_fracti
 
 def train_adapter(profile: Profile, **overrides: Any) -> Path:
     """Lesson 05 in one call (what its cells do step by step); returns the saved adapter directory."""
-    from transformers import Trainer, default_data_collator
+    from transformers import Trainer, default_data_collator, set_seed
 
     from .fast import speed_up, training_attention
     from .formatting import tokenize_records
@@ -82,6 +82,7 @@ def train_adapter(profile: Profile, **overrides: Any) -> Path:
     native = ensure_native_model(profile)
     train_path, val_path = ensure_splits(profile)
     tokenizer = load_tokenizer(native)
+    set_seed(overrides.get("seed", 42))  # the LoRA matrices are drawn when the adapter is added
     model = add_lora(load_model(native, attn_implementation=training_attention()), lora_config())
     speed_up(model)
     train_ds, _ = tokenize_records(load_records(train_path), tokenizer, profile.max_length)

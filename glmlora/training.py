@@ -68,6 +68,7 @@ def training_arguments(output_dir: str | Path, **overrides: Any) -> TrainingArgu
         prediction_loss_only=True,  # evaluation needs the loss only: no 65,024-wide logits kept
         remove_unused_columns=True,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # frozen base + LoRA: no unused trainable parameters to search for
         seed=42,
         **precision_flags(),
     )

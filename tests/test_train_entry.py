@@ -1,0 +1,246 @@
+"""glmlora.train: a config file is checked (file and key named), and training runs as a real process —
+``python -m``, ``accelerate launch`` and ``torchrun`` with two processes (DDP over gloo) — and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from glmlora.lora import lora_config
+from glmlora.train import (ConfigError, load_config, main, parse_config, parse_summary, resolve_profile,
+                           resume_checkpoint)
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+RUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_default_config_gives_lesson_05s_defaults():
+    cfg = load_config(REPO / "configs" / "train_default.yaml")
+    ours, lesson = lora_config(**cfg.lora), lora_config()
+    for name in ("r", "lora_alpha", "lora_dropout", "target_modules"):
+        assert getattr(ours, name) == getattr(lesson, name), name
+    assert cfg.training == {} and cfg.resume == "auto"
+    assert cfg.profile is cfg.pack_tokens is cfg.max_length is cfg.output_dir is cfg.adapter_dir is None
+
+
+def test_an_empty_file_means_all_defaults(tmp_path):
+    cfg = load_config(write(tmp_path / "empty.yaml", ""))
+    assert cfg.lora == {} and cfg.training == {} and cfg.resume == "auto"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("lora:\n  rank: 4\n", "unknown key 'lora.rank' in section 'lora'; known keys: alpha, dropout, r, target_modules"),
+    ("epochs: 3\n", "unknown key 'epochs' in the top level"),
+    ("training:\n  learnin_rate: 0.1\n", "unknown key 'training.learnin_rate' in section 'training' "
+                                         "(did you mean 'learning_rate'?)"),
+    ("lora:\n  r: eight\n", "key 'lora.r' must be an integer, got str 'eight'"),
+    ("lora:\n  target_modules: q_proj\n", "key 'lora.target_modules' must be a list"),
+    ("pack_tokens: 1.5\n", "key 'pack_tokens' must be an integer or null, got float 1.5"),
+    ("training:\n  max_steps: many\n", "key 'training.max_steps' must be an integer, got str 'many'"),
+    ("training:\n  gradient_checkpointing: 1\n", "key 'training.gradient_checkpointing' must be true or false"),
+    ("training:\n  output_dir: x\n", "key 'training.output_dir' is set by the top-level key 'output_dir'"),
+    ("resume: 3\n", "key 'resume' must be text, got int 3"),
+    ("profile: huge\n", "key 'profile' must be one of auto, tiny, full, full-random"),
+    ("max_length: 0\n", "key 'max_length' must be a positive number of tokens"),
+    ("lora:\n  target_modules: [query_key_value]\n", "section 'lora': unknown target module(s) ['query_key_value']"),
+    ("- a\n- b\n", "the top level must be a mapping"),
+    ("lora: [1, 2]\n", "key 'lora' must be a mapping"),
+    ("lora: {r: 8\n", "not valid YAML"),
+])
+def test_config_errors_name_the_file_and_the_key(tmp_path, text, expected):
+    path = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert expected in str(info.value)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'nope.yaml'}: no such config file")):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_exponent_without_a_dot_is_read_as_a_float(tmp_path):
+    cfg = load_config(write(tmp_path / "lr.yaml", "training:\n  learning_rate: 2e-4\n  warmup_steps: 0.1\n"))
+    assert cfg.training == {"learning_rate": 2e-4, "warmup_steps": 0.1}
+
+
+def test_checks_that_need_the_profile_or_the_disk_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="f.yaml: key 'max_length' \\(2048\\) must not exceed 'pack_tokens'"):
+        resolve_profile(parse_config({"profile": "tiny", "max_length": 2048, "pack_tokens": 1024}, "f.yaml"))
+    with pytest.raises(ConfigError, match="f.yaml: key 'resume': .* is not a Trainer checkpoint directory"):
+        resume_checkpoint(parse_config({"resume": str(tmp_path / "gone")}, "f.yaml"), tmp_path)
+    assert resume_checkpoint(parse_config({"resume": "never"}, "f.yaml"), tmp_path) is None
+    assert resume_checkpoint(parse_config({}, "f.yaml"), tmp_path / "no-run-yet") is None
+
+
+def test_the_command_line_reports_config_errors_with_exit_status_2(tmp_path, capsys):
+    path = write(tmp_path / "bad.yaml", "lora:\n  alpha: high\n")
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"config error: {path}: key 'lora.alpha' must be an integer" in err
+
+
+# ---------------------------------------------------------------------------------------------- accelerate configs
+def launch_env(config_file: Path) -> tuple[object, dict[str, str]]:
+    """What ``accelerate launch --config_file`` makes of a file: its parsed arguments and the workers' environment."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "glmlora.train"])
+    args, _, _ = _validate_launch_command(args)
+    return args, prepare_multi_gpu_env(args)
+
+
+def test_ddp_config_is_multi_gpu_bf16():
+    args, env = launch_env(REPO / "configs" / "accelerate_ddp.yaml")
+    assert args.multi_gpu and not args.use_fsdp
+    assert args.num_processes == 2 and args.num_machines == 1 and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+
+
+def test_fsdp_config_keys_are_accelerates_and_reach_the_workers():
+    from accelerate.commands.launch import launch_command_parser
+
+    path = REPO / "configs" / "accelerate_fsdp.yaml"
+    known = {a.dest for a in launch_command_parser()._actions}
+    fsdp = yaml.safe_load(path.read_text())["fsdp_config"]
+    assert set(fsdp) <= known, f"keys accelerate would silently ignore: {sorted(set(fsdp) - known)}"
+    args, env = launch_env(path)
+    assert args.use_fsdp
+    assert {k: env[k] for k in ("FSDP_VERSION", "FSDP_SHARDING_STRATEGY", "FSDP_AUTO_WRAP_POLICY",
+                                "FSDP_TRANSFORMER_CLS_TO_WRAP", "FSDP_USE_ORIG_PARAMS", "FSDP_STATE_DICT_TYPE",
+                                "FSDP_CPU_RAM_EFFICIENT_LOADING", "FSDP_SYNC_MODULE_STATES",
+                                "FSDP_ACTIVATION_CHECKPOINTING")} == {
+        "FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "FULL_SHARD", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+        "FSDP_TRANSFORMER_CLS_TO_WRAP": "GlmDecoderLayer", "FSDP_USE_ORIG_PARAMS": "true",
+        "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
+        "FSDP_SYNC_MODULE_STATES": "true", "FSDP_ACTIVATION_CHECKPOINTING": "false"}
+
+
+def test_fsdp_wrap_class_is_the_models_decoder_layer(tiny_original, monkeypatch):
+    """The class name must exist in the model, and peft's wrap policy (which Trainer uses for LoRA) must find it."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    from glmlora.chatglm3 import ensure_native, load_model
+    from glmlora.training import add_lora
+
+    model = add_lora(load_model(ensure_native(tiny_original)), lora_config())
+    layer = get_module_class_from_name(model, "GlmDecoderLayer")
+    assert layer is not None and all(isinstance(m, layer) for m in model.get_base_model().model.layers)
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "GlmDecoderLayer")
+    assert callable(fsdp_auto_wrap_policy(model))
+
+
+# ---------------------------------------------------------------------------------------------- real runs
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory) -> Path:
+    """One tiny model for all runs of this module (the first run builds it)."""
+    return tmp_path_factory.mktemp("models")
+
+
+def small_config(workdir: Path, max_steps: int) -> Path:
+    return write(workdir / "train.yaml", yaml.safe_dump({
+        "profile": "tiny",
+        "training": {"max_steps": max_steps, "save_steps": 2, "logging_steps": 1, "disable_tqdm": True}}))
+
+
+def launch(command: list[str], workdir: Path, model_cache: Path) -> str:
+    """Run a launcher in a child process with a private work directory; its output, or a failure showing it."""
+    env = {k: v for k, v in os.environ.items() if k not in RUN_KEYS and not k.startswith(("ACCELERATE_", "FSDP_"))}
+    # One thread per process: no oversubscribed cores under torchrun, and the same arithmetic under every launcher.
+    env.update(GLMLORA_WORKDIR=str(workdir), GLMLORA_MODEL_CACHE=str(model_cache), GLMLORA_PROFILE="tiny",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    return output
+
+
+def accelerate_cpu(config: Path) -> list[str]:
+    return [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--cpu", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+            "-m", "glmlora.train", "--config", str(config)]
+
+
+def assert_trained(workdir: Path, output: str, steps: int, world_size: int = 1) -> None:
+    """Adapter (with trained weights), tokenizer and loss curve on disk; the summary line says what ran."""
+    adapter, run_dir = workdir / "adapters" / "tiny", workdir / "runs" / "tiny"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.model"):
+        assert (adapter / name).is_file(), name
+    lora_b = [t for k, t in load_file(adapter / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: non-zero means it trained
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = parse_summary(output)
+    assert (summary["profile"], summary["steps"], summary["world_size"]) == ("tiny", steps, world_size)
+    assert summary["tokens_per_second"] > 0
+    assert re.search(r"SUMMARY train: .*loss \d+\.\d+ -> \d+\.\d+", output)
+
+
+def adapter_weights(workdir: Path) -> dict:
+    return load_file(workdir / "adapters" / "tiny" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def python_m_run(tmp_path_factory, model_cache) -> tuple[Path, list[str], str, dict]:
+    """``python -m glmlora.train`` for 2 steps: (work dir, command, output, adapter weights)."""
+    workdir = tmp_path_factory.mktemp("python-m")
+    command = [sys.executable, "-m", "glmlora.train", "--config", str(small_config(workdir, 2))]
+    output = launch(command, workdir, model_cache)
+    return workdir, command, output, adapter_weights(workdir)
+
+
+def test_python_m_trains_and_writes_adapter_and_loss_curve(python_m_run, model_cache):
+    workdir, command, output, weights = python_m_run
+    assert_trained(workdir, output, steps=2)
+    assert "resuming" not in output
+
+    output = launch(command, workdir, model_cache)  # the same command again: the run is finished
+    assert "is already at step 2 (max_steps 2): nothing to train" in output
+    assert not (workdir / "runs" / "tiny" / "checkpoint-3").exists()
+    assert adapter_weights(workdir).keys() == weights.keys()
+    assert all(torch.equal(t, weights[k]) for k, t in adapter_weights(workdir).items())
+
+
+def test_accelerate_launch_trains_and_a_second_run_resumes(tmp_path, model_cache, python_m_run):
+    output = launch(accelerate_cpu(small_config(tmp_path, 2)), tmp_path, model_cache)
+    assert_trained(tmp_path, output, steps=2)
+    reference = python_m_run[3]  # the launcher changes nothing: the same seed gives the same adapter
+    assert all(torch.equal(t, reference[k]) for k, t in adapter_weights(tmp_path).items())
+    checkpoint = tmp_path / "runs" / "tiny" / "checkpoint-2"
+    assert checkpoint.is_dir()
+
+    output = launch(accelerate_cpu(small_config(tmp_path, 4)), tmp_path, model_cache)  # resume: auto
+    assert f"resuming from {checkpoint}" in output
+    assert "4 steps, resumed at step 2" in output
+    assert_trained(tmp_path, output, steps=4)
+    state = json.loads((tmp_path / "runs" / "tiny" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]  # the first run's log goes on
+
+
+def test_torchrun_two_processes_train_one_adapter(tmp_path, model_cache):
+    """Real data parallelism on the CPU (gloo): two ranks, one set of files written by rank 0."""
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "glmlora.train",
+               "--config", str(small_config(tmp_path, 2))]
+    output = launch(command, tmp_path, model_cache)
+    assert_trained(tmp_path, output, steps=2, world_size=2)
+    assert output.count("SUMMARY train:") == 1  # printed by rank 0 only
+    checkpoint = tmp_path / "runs" / "tiny" / "checkpoint-2"
+    assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
