@@ -70,33 +70,15 @@ def ensure_splits(profile: Profile, source: str | Path | None = None, val_fracti
 
 
 def train_adapter(profile: Profile, **overrides: Any) -> Path:
-    """Lesson 05 in one call (what its cells do step by step); returns the saved adapter directory."""
-    from transformers import Trainer, default_data_collator, set_seed
+    """Lesson 05 in one call (what its cells do step by step): ``glmlora.train`` with the profile's defaults.
 
-    from .fast import speed_up, training_attention
-    from .formatting import tokenize_records
-    from .lora import lora_config
-    from .packing import PackedDataset
-    from .training import add_lora, plot_loss, training_arguments
+    ``overrides`` are ``TrainingArguments`` fields. Returns the saved adapter directory.
+    """
+    from .train import TrainConfig, run
 
-    native = ensure_native_model(profile)
-    train_path, val_path = ensure_splits(profile)
-    tokenizer = load_tokenizer(native)
-    set_seed(overrides.get("seed", 42))  # the LoRA matrices are drawn when the adapter is added
-    model = add_lora(load_model(native, attn_implementation=training_attention()), lora_config())
-    speed_up(model)
-    train_ds, _ = tokenize_records(load_records(train_path), tokenizer, profile.max_length)
-    val_ds, _ = tokenize_records(load_records(val_path), tokenizer, profile.max_length)
-    args = training_arguments(profile.run_dir, eval_strategy="epoch",
-                              **{**profile.train_overrides, **overrides})
-    trainer = Trainer(model=model, args=args, train_dataset=PackedDataset(train_ds, profile.pack_tokens),
-                      eval_dataset=PackedDataset(val_ds, profile.pack_tokens), data_collator=default_data_collator,
-                      processing_class=tokenizer)
-    trainer.train()
-    model.save_pretrained(profile.adapter_dir)
-    tokenizer.save_pretrained(profile.adapter_dir)
-    plot_loss(trainer.state.log_history, profile.run_dir / "loss.png")
-    return profile.adapter_dir
+    config = TrainConfig(profile=profile.name, pack_tokens=profile.pack_tokens, max_length=profile.max_length,
+                         training=dict(overrides), resume="never", source="glmlora.pipeline.train_adapter")
+    return run(config).adapter_dir
 
 
 def ensure_adapter(profile: Profile) -> Path:
