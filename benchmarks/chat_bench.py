@@ -163,14 +163,18 @@ def main() -> int:
     # batched generation for evaluation (greedy, left-padded, 128 new tokens)
     convs = [[{"role": "user", "content": tok.decode(ids[0, 2 + i: 200 + 7 * i].tolist())}] for i in range(32)]
     for b in [int(x) for x in args.batches.split(",")]:
-        sync()
-        t0 = time.perf_counter()
-        generate_batch(merged, tok, convs[:b], GenerationSettings(do_sample=False, max_new_tokens=128),
-                       batch_size=b, progress=False)
-        sync()
-        seconds = time.perf_counter() - t0
-        results[f"batch{b}"] = {"seconds": seconds, "samples_per_s": b / seconds}
-        print(f"batch {b}", results[f"batch{b}"], flush=True)
+        for fast in ([False, True] if device == "cuda" else [False]):
+            name = f"batch{b}" + ("_static" if fast else "")
+            greedy = GenerationSettings(do_sample=False, max_new_tokens=128)
+            if fast:  # compile and capture first, as a chat session would once
+                generate_batch(merged, tok, convs[:b], greedy, batch_size=b, progress=False, fast=True)
+            sync()
+            t0 = time.perf_counter()
+            generate_batch(merged, tok, convs[:b], greedy, batch_size=b, progress=False, fast=fast)
+            sync()
+            seconds = time.perf_counter() - t0
+            results[name] = {"seconds": seconds, "samples_per_s": b / seconds}
+            print(name, results[name], flush=True)
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n{card}; torch {torch.__version__}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "

@@ -48,11 +48,13 @@ def adapter_off(model: Any):
 
 
 def answers(model: Any, tokenizer: ChatGLM3Tokenizer, prompts: Sequence[list[dict[str, str]]],
-            settings: GenerationSettings | None = None, batch_size: int = 8, base: bool = False) -> list[str]:
-    """Greedy answers for every prompt; ``base=True`` switches the LoRA adapter off."""
+            settings: GenerationSettings | None = None, batch_size: int = 8, base: bool = False,
+            fast: bool = False) -> list[str]:
+    """Greedy answers for every prompt; ``base=True`` switches the LoRA adapter off (``fast``: see
+    :func:`glmlora.generate.generate_batch`)."""
     settings = settings or GenerationSettings(do_sample=False, max_new_tokens=128)
     with adapter_off(model) if base else contextlib.nullcontext():
-        return generate_batch(model, tokenizer, prompts, settings, batch_size=batch_size)
+        return generate_batch(model, tokenizer, prompts, settings, batch_size=batch_size, fast=fast)
 
 
 def crisis_indices(references: Sequence[str]) -> list[int]:

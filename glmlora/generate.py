@@ -7,6 +7,7 @@ bounded by ``max_new_tokens`` (not ``max_length``, which counts the prompt), it 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 from threading import Thread
@@ -84,27 +85,30 @@ def _prompt(tokenizer: ChatGLM3Tokenizer, messages: Messages, model: Any, settin
     return torch.tensor([tokenizer.build_conversation(fitted, add_generation_prompt=True)], device=model.device)
 
 
-def static_cache(model: Any, context: int) -> Any:
-    """The model's reusable static KV cache of ``context`` tokens, emptied for a new generation."""
+def static_cache(model: Any, context: int, batch_size: int = 1) -> Any:
+    """The model's reusable static KV cache of ``context`` tokens for ``batch_size`` rows, emptied for reuse.
+
+    One cache per (context, batch size): the compiled decode step then always sees the same shapes.
+    """
     from transformers import StaticCache
 
-    held = getattr(model, "_glmlora_static_cache", None)
-    if held is None or held[0] != context:
-        held = (context, StaticCache(config=model.config, max_cache_len=context))
-        model._glmlora_static_cache = held
+    caches = model.__dict__.setdefault("_glmlora_static_caches", {})
+    cache = caches.get((context, batch_size))
+    if cache is None:
+        cache = caches[(context, batch_size)] = StaticCache(config=model.config, max_cache_len=context)
     else:
         with torch.inference_mode():  # its tensors were made during an inference-mode generate
-            held[1].reset()
-    return held[1]
+            cache.reset()
+    return cache
 
 
 def _generate_kwargs(tokenizer: ChatGLM3Tokenizer, settings: GenerationSettings, model: Any = None,
-                     context: int | None = None) -> dict[str, Any]:
+                     context: int | None = None, batch_size: int = 1) -> dict[str, Any]:
     """Stop ids + sampling settings; with ``model`` and ``context``, the static cache that makes
     transformers compile the decode step (CUDA graphs: no Python overhead per token)."""
     kw = {"eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_token_id, **settings.kwargs()}
     if model is not None and context is not None:
-        kw["past_key_values"] = static_cache(model, context)
+        kw["past_key_values"] = static_cache(model, context, batch_size)
     return kw
 
 
@@ -220,20 +224,28 @@ def _generate_quietly(model: Any, kwargs: dict[str, Any]) -> None:
 @torch.inference_mode()
 def generate_batch(model: Any, tokenizer: ChatGLM3Tokenizer, conversations: Sequence[Messages],
                    settings: GenerationSettings | None = None, batch_size: int = 8,
-                   progress: bool = True) -> list[str]:
+                   progress: bool = True, fast: bool = False) -> list[str]:
     """Replies for many conversations at once: left-padded batches, similar lengths together.
 
     Each conversation ends with the user message to answer.  Order of the result = order of the input.
+    ``fast`` uses one static cache for all batches (the last one is filled up with repeats), so on a GPU the
+    compiled decode step serves every batch; it is off by default until measured on a GPU (BENCHMARKS.md).
     """
     settings = settings or GenerationSettings(do_sample=False)
     prompts = [tokenizer.build_conversation(c, add_generation_prompt=True) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    context = None
+    if fast and prompts:
+        context = 256 * math.ceil((max(map(len, prompts)) + settings.max_new_tokens) / 256)
     for batch in tqdm(batches, desc="generating", disable=not progress):
-        enc = tokenizer.pad([{"input_ids": prompts[i]} for i in batch], padding_side="left",
-                            return_tensors="pt").to(model.device)
-        out = model.generate(**enc, **_generate_kwargs(tokenizer, settings))
+        rows = [{"input_ids": prompts[i]} for i in batch]
+        if fast:
+            rows += rows[-1:] * (batch_size - len(rows))
+        enc = tokenizer.pad(rows, padding_side="left", return_tensors="pt").to(model.device)
+        out = model.generate(**enc, **_generate_kwargs(tokenizer, settings, model if fast else None, context,
+                                                       len(rows)))
         for row, i in enumerate(batch):
             replies[i] = decode_reply(tokenizer, out[row, enc["input_ids"].shape[1]:].tolist())
     return replies

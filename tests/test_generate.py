@@ -88,7 +88,15 @@ def test_static_cache_path_gives_the_same_reply_and_reuses_one_cache(memorised):
     model, tok, records, *_ = memorised
     plain, _ = chat(model, tok, records[0]["input"], settings=GREEDY, fast=False)
     fast, _ = chat(model, tok, records[0]["input"], settings=GREEDY, fast=True, max_context=512)
-    cache = model._glmlora_static_cache[1]
+    cache = model._glmlora_static_caches[(512, 1)]
     again = "".join(stream_chat(model, tok, records[1]["input"], settings=GREEDY, fast=True, max_context=512))
-    assert fast == plain and model._glmlora_static_cache[1] is cache
+    assert fast == plain and model._glmlora_static_caches[(512, 1)] is cache
     assert again == chat(model, tok, records[1]["input"], settings=GREEDY, fast=False)[0]
+
+
+def test_batched_static_cache_path_matches_the_dynamic_one(memorised):
+    model, tok, records, _, convs = memorised
+    prompts = [c[:-1] for c in convs] + [[{"role": "user", "content": "one more, longer question " * 4}]]
+    plain = generate_batch(model, tok, prompts, GREEDY, batch_size=4, progress=False)
+    fast = generate_batch(model, tok, prompts, GREEDY, batch_size=4, progress=False, fast=True)
+    assert fast == plain and len(fast) == 7  # the last batch of 3 was filled up to 4 and trimmed again
