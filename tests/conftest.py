@@ -42,6 +42,23 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
+def plain_transformers_logits(model_dir: Path, ids: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    """Logits from a fresh interpreter that loads ``model_dir`` with plain transformers (no glmlora, no peft)."""
+    import subprocess
+    import sys
+
+    ids_file, out_file = tmp_path / "ids.pt", tmp_path / "plain_logits.pt"
+    torch.save(ids, ids_file)
+    script = (
+        "import sys, torch, transformers\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, dtype=torch.float32)\n"
+        f"torch.save(m(torch.load({str(ids_file)!r})).logits, {str(out_file)!r})\n"
+        "assert 'glmlora' not in sys.modules and 'peft' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    return torch.load(out_file)
+
+
 @contextmanager
 def private_workdir(path: Path) -> Iterator[None]:
     """GLMLORA_WORKDIR pointed at ``path`` for the duration (session fixtures cannot use monkeypatch)."""

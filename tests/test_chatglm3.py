@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from glmlora.chatglm3 import (ConversionError, convert_checkpoint, export_origin
                               read_shard, weight_files)
 from glmlora.tokenizer import load_tokenizer
 
-from conftest import copy_checkpoint
+from conftest import copy_checkpoint, plain_transformers_logits
 from reference import forward, greedy
 
 TOL = 1e-5  # fp32 against the float64 reference, relative to the largest logit
@@ -65,14 +63,7 @@ def test_plain_transformers_loads_the_conversion(tiny_original, native_model, tm
     """The output directory needs nothing from glmlora: a fresh interpreter loads it with plain transformers."""
     native = glmlora.ensure_native(tiny_original)
     ids = torch.arange(3, 40).view(1, -1)
-    script = (
-        "import sys, torch, transformers\n"
-        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(native)!r}, dtype=torch.float32)\n"
-        f"torch.save(m(torch.arange(3, 40).view(1, -1)).logits, {str(tmp_path / 'plain.pt')!r})\n"
-        "assert 'glmlora' not in sys.modules\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
-    plain = torch.load(tmp_path / "plain.pt")
+    plain = plain_transformers_logits(native, ids, tmp_path)
     with torch.no_grad():
         ours = native_model(ids).logits
     assert torch.equal(plain, ours)
