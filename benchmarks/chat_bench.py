@@ -7,8 +7,10 @@ since random weights stop anywhere). Prints decode tokens/s, time to first token
 (weight bytes / device-to-device copy bandwidth measured here) and batched generation for evaluation use.
 
   a  the original loop: PeftModel *unmerged* on fp16 weights, generate(max_length=prompt + 256)
-  b  glmlora: LoRA merged into bf16 weights, static KV cache with compiled decoding
-     (glmlora.generate's CUDA path), stop ids
+  b  glmlora: LoRA merged into bf16 weights, static KV cache, glmlora.decoding's loop (model step and sampling
+     in one compiled CUDA graph, the host looks at the tokens every 8) - what chat() runs on CUDA
+  diagnostics in the same run: b with a dynamic cache; transformers' generate on the same static cache with its
+  own compiled step ("b_hf_static", glmlora's previous fast path); b checking every 32 tokens
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from glmlora import load_model, load_tokenizer  # noqa: E402
 from glmlora.chatglm3 import ensure_native  # noqa: E402
+from glmlora.decoding import decode  # noqa: E402
 from glmlora.generate import GenerationSettings, _generate_kwargs, generate_batch, static_cache  # noqa: E402
 from glmlora.lora import lora_config  # noqa: E402
 from glmlora.tiny import build_full_random, build_tiny  # noqa: E402
@@ -75,6 +79,23 @@ def timed_generate(model, ids, full_warmup: bool = False, fresh=None, **kw) -> t
     total = time.perf_counter() - t0
     new = out.shape[1] - ids.shape[1]
     return ttft, (new - 1) / (total - ttft), new
+
+
+def timed_decode(model, ids, **kw) -> tuple[float, float, int]:
+    """Like :func:`timed_generate` for glmlora's decode loop (no stop ids: always 256 new tokens)."""
+    run = lambda n: decode(model, static_cache(model, 1024), ids, torch.ones_like(ids), max_new_tokens=n,  # noqa: E731
+                           stop_ids=[], pad_id=0, **kw)
+    for _ in range(2):  # compilation and CUDA-graph capture
+        run(NEW)
+    sync()
+    t0 = time.perf_counter()
+    run(1)
+    sync()
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    new = run(NEW).shape[1]
+    sync()
+    return ttft, (new - 1) / (time.perf_counter() - t0 - ttft), new
 
 
 def stream_check(model, tok) -> dict:
@@ -143,17 +164,27 @@ def main() -> int:
         ttft, tps, new = timed_generate(merged, ids, **dynamic)
     results["b_dynamic_cache"] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new}
     print("b with a dynamic cache (diagnostic)", results["b_dynamic_cache"], flush=True)
+    loop = dict(do_sample=True, temperature=0.8, top_p=0.8, top_k=50)  # glmlora's loop: compiled on CUDA
+    for name, extra in [("b", {}), ("b_check_every_32", {"check_every": 32})]:
+        try:
+            t0 = time.perf_counter()
+            ttft, tps, new = timed_decode(merged, ids, **loop, **extra)
+            results[name] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new,
+                             "warmup_and_compile_s": time.perf_counter() - t0,
+                             "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
+                             "graph_breaks": sum(counters["graph_break"].values())}
+        except Exception as e:  # record why the fast path failed
+            results[f"{name}_error"] = f"{type(e).__name__}: {e}"[:800]
+        print(name, results.get(name, results.get(f"{name}_error")), flush=True)
     if device == "cuda":
         fresh = lambda: {"past_key_values": static_cache(merged, 1024)}  # noqa: E731
         try:
             with torch.inference_mode():
-                t0 = time.perf_counter()
                 ttft, tps, new = timed_generate(merged, ids, full_warmup=True, fresh=fresh, **dynamic)
-            results["b"] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new,
-                            "warmup_and_compile_s": time.perf_counter() - t0}
-        except Exception as e:  # record why the fast path failed
-            results["b_error"] = f"{type(e).__name__}: {e}"[:800]
-            print("fast path failed:", results["b_error"], flush=True)
+            results["b_hf_static"] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new}
+        except Exception as e:
+            results["b_hf_static_error"] = f"{type(e).__name__}: {e}"[:800]
+        print("transformers generate on a static cache", results.get("b_hf_static"), flush=True)
     results.setdefault("b", results["b_dynamic_cache"])
     print("b", results["b"], flush=True)
     if device == "cuda":
@@ -180,7 +211,9 @@ def main() -> int:
     print(f"\n{card}; torch {torch.__version__}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
           f"{bw / 1e12:.2f} TB/s; bound {bound:.0f} tokens/s")
     print("| variant | decode tok/s | % of bound | TTFT ms (512-token prompt) |\n|---|---|---|---|")
-    for name in ("a", "b"):
+    for name in ("a", "b", "b_check_every_32", "b_hf_static", "b_dynamic_cache"):
+        if name not in results:
+            continue
         r = results[name]
         print(f"| {name} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / bound:.0%} | {r['ttft_ms']:.1f} |")
     print(f"speed-up b/a: {results['b']['decode_tok_s'] / results['a']['decode_tok_s']:.1f}x")

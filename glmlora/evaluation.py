@@ -49,7 +49,7 @@ def adapter_off(model: Any):
 
 def answers(model: Any, tokenizer: ChatGLM3Tokenizer, prompts: Sequence[list[dict[str, str]]],
             settings: GenerationSettings | None = None, batch_size: int = 8, base: bool = False,
-            fast: bool = False) -> list[str]:
+            fast: bool | None = None) -> list[str]:
     """Greedy answers for every prompt; ``base=True`` switches the LoRA adapter off (``fast``: see
     :func:`glmlora.generate.generate_batch`)."""
     settings = settings or GenerationSettings(do_sample=False, max_new_tokens=128)

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TextIteratorStreamer
 
+from .decoding import decode
 from .tokenizer import ChatGLM3Tokenizer
 
 Messages = list[dict[str, str]]
@@ -27,18 +28,23 @@ FAST_CONTEXT = 4096
 
 @dataclass
 class GenerationSettings:
-    """The original chat's sampling defaults; set ``do_sample=False`` for reproducible (greedy) answers."""
+    """The original chat's sampling defaults; set ``do_sample=False`` for reproducible (greedy) answers.
+
+    ``top_k`` 50 is what transformers applied, unasked, under the original chat; it is spelled out here so that
+    both generation paths sample alike. A ``repetition_penalty`` other than 1 needs ``generate`` (slower path).
+    """
 
     max_new_tokens: int = 256
     do_sample: bool = True
     top_p: float = 0.8
     temperature: float = 0.8
+    top_k: int = 50
     repetition_penalty: float = 1.0
 
     def kwargs(self) -> dict[str, Any]:
         kw = asdict(self)
         if not self.do_sample:
-            kw.pop("top_p"), kw.pop("temperature")
+            kw.pop("top_p"), kw.pop("temperature"), kw.pop("top_k")
         return kw
 
 
@@ -116,6 +122,19 @@ def _use_fast_path(model: Any, fast: bool | None) -> bool:
     return bool(fast) if fast is not None else model.device.type == "cuda"
 
 
+def _new_ids(model: Any, tokenizer: ChatGLM3Tokenizer, ids: torch.Tensor, mask: torch.Tensor,
+             settings: GenerationSettings, context: int | None, streamer: Any = None) -> torch.Tensor:
+    """Generated ids ``(batch, n)`` after the prompt: :func:`glmlora.decoding.decode` on a static cache of
+    ``context`` tokens when one is given (the fast path), else transformers' ``generate`` (dynamic cache)."""
+    if context is not None and settings.repetition_penalty == 1.0:
+        return decode(model, static_cache(model, context, ids.shape[0]), ids, mask,
+                      max_new_tokens=settings.max_new_tokens, stop_ids=tokenizer.stop_ids,
+                      pad_id=tokenizer.pad_token_id, do_sample=settings.do_sample, temperature=settings.temperature,
+                      top_p=settings.top_p, top_k=settings.top_k, streamer=streamer)
+    kw = _generate_kwargs(tokenizer, settings, model if context else None, context, ids.shape[0])
+    return model.generate(ids, attention_mask=mask, streamer=streamer, **kw)[:, ids.shape[1]:]
+
+
 def conversation(query: str, history: Messages | None = None, system: str | None = None) -> Messages:
     """History plus the new user message, with ``system`` first unless the history already has one."""
     history = list(history or [])
@@ -134,9 +153,8 @@ def chat(model: Any, tokenizer: ChatGLM3Tokenizer, query: str, history: Messages
     fast = _use_fast_path(model, fast)
     context = _context(model, max_context, fast)
     ids = _prompt(tokenizer, messages, model, settings, context)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids),
-                         **_generate_kwargs(tokenizer, settings, model if fast else None, context))
-    reply = decode_reply(tokenizer, out[0, ids.shape[1]:].tolist())
+    new = _new_ids(model, tokenizer, ids, torch.ones_like(ids), settings, context if fast else None)
+    reply = decode_reply(tokenizer, new[0].tolist())
     return reply, messages + [{"role": "assistant", "content": reply}]
 
 
@@ -159,9 +177,9 @@ def stream_chat(model: Any, tokenizer: ChatGLM3Tokenizer, query: str, history: M
     context = _context(model, max_context, fast)
     ids = _prompt(tokenizer, conversation(query, history, system), model, settings, context)
     streamer = ReplyStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                  **_generate_kwargs(tokenizer, settings, model if fast else None, context))
-    worker = Thread(target=_generate_quietly, args=(model, kwargs), daemon=True)
+    kwargs = dict(model=model, tokenizer=tokenizer, ids=ids, mask=torch.ones_like(ids), settings=settings,
+                  context=context if fast else None, streamer=streamer)
+    worker = Thread(target=_generate_quietly, args=(kwargs,), daemon=True)
     worker.start()
     text, sent = "", 0
     for piece in streamer:
@@ -212,10 +230,10 @@ def _visible_content(text: str) -> str | None:
     return text.strip() if not newline else split_reply(text)[1]
 
 
-def _generate_quietly(model: Any, kwargs: dict[str, Any]) -> None:
+def _generate_quietly(kwargs: dict[str, Any]) -> None:
     try:
         with torch.inference_mode():
-            model.generate(**{k: v for k, v in kwargs.items() if k != "error"})
+            _new_ids(**{k: v for k, v in kwargs.items() if k != "error"})
     except BaseException as e:  # surfaced in the consumer thread
         kwargs["error"] = e
         kwargs["streamer"].end()
@@ -224,28 +242,30 @@ def _generate_quietly(model: Any, kwargs: dict[str, Any]) -> None:
 @torch.inference_mode()
 def generate_batch(model: Any, tokenizer: ChatGLM3Tokenizer, conversations: Sequence[Messages],
                    settings: GenerationSettings | None = None, batch_size: int = 8,
-                   progress: bool = True, fast: bool = False) -> list[str]:
+                   progress: bool = True, fast: bool | None = None) -> list[str]:
     """Replies for many conversations at once: left-padded batches, similar lengths together.
 
     Each conversation ends with the user message to answer.  Order of the result = order of the input.
-    ``fast`` uses one static cache for all batches (the last one is filled up with repeats), so on a GPU the
-    compiled decode step serves every batch; it is off by default until measured on a GPU (BENCHMARKS.md).
+    ``fast`` (default: on CUDA) runs :func:`glmlora.decoding.decode` on one static cache shared by all batches
+    (the last batch is filled up with repeats, so the compiled step never sees a new shape; compiling it
+    takes a while once). ``fast=False``: transformers' ``generate`` with a dynamic cache.
     """
     settings = settings or GenerationSettings(do_sample=False)
     prompts = [tokenizer.build_conversation(c, add_generation_prompt=True) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    fast = _use_fast_path(model, fast)
     context = None
     if fast and prompts:
+        batch_size = min(batch_size, len(prompts))
         context = 256 * math.ceil((max(map(len, prompts)) + settings.max_new_tokens) / 256)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generating", disable=not progress):
         rows = [{"input_ids": prompts[i]} for i in batch]
         if fast:
             rows += rows[-1:] * (batch_size - len(rows))
         enc = tokenizer.pad(rows, padding_side="left", return_tensors="pt").to(model.device)
-        out = model.generate(**enc, **_generate_kwargs(tokenizer, settings, model if fast else None, context,
-                                                       len(rows)))
+        new = _new_ids(model, tokenizer, enc["input_ids"], enc["attention_mask"], settings, context)
         for row, i in enumerate(batch):
-            replies[i] = decode_reply(tokenizer, out[row, enc["input_ids"].shape[1]:].tolist())
+            replies[i] = decode_reply(tokenizer, new[row].tolist())
     return replies

@@ -1,0 +1,114 @@
+"""The sync-free decode loop: same ids as transformers' generate, same sampling filters, streaming, limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import StaticCache
+from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+from glmlora.decoding import decode, filtered_logits, sample_next
+
+T = torch.tensor
+
+
+def _prompts(tok, texts):
+    rows = [{"input_ids": tok.build_conversation([{"role": "user", "content": t}], add_generation_prompt=True)}
+            for t in texts]
+    return tok.pad(rows, padding_side="left", return_tensors="pt")
+
+
+def _decode(model, tok, enc, new=40, context=256, **kw):
+    cache = StaticCache(config=model.config, max_cache_len=context)
+    return decode(model, cache, enc["input_ids"], enc["attention_mask"], max_new_tokens=new,
+                  stop_ids=tok.stop_ids, pad_id=tok.pad_token_id, compile=False, **kw)
+
+
+def _until_stop(ids, stops):
+    cut = next((i for i, t in enumerate(ids) if t in stops), len(ids) - 1)
+    return ids[:cut + 1]
+
+
+@pytest.mark.parametrize("check_every", [1, 8])
+def test_greedy_ids_equal_generate_for_left_padded_rows(memorised, check_every):
+    model, tok, records, *_ = memorised
+    enc = _prompts(tok, [records[0]["input"], "random words " * 9, "我最近总是很累", records[3]["input"]])
+    ours = _decode(model, tok, enc, check_every=check_every)
+    ref = model.generate(**enc, max_new_tokens=40, do_sample=False, eos_token_id=tok.stop_ids, pad_token_id=0)
+    ref = ref[:, enc["input_ids"].shape[1]:]
+    for row in range(4):
+        expected = _until_stop(ref[row].tolist(), tok.stop_ids)
+        assert _until_stop(ours[row].tolist(), tok.stop_ids) == expected
+        assert set(ours[row, len(expected):].tolist()) <= {tok.pad_token_id}  # nothing after the stop
+    answered = _decode(model, tok, _prompts(tok, [records[0]["input"], records[3]["input"]]), new=200,
+                       check_every=check_every)
+    assert answered.shape[1] < 200  # both memorised answers end on a stop id, so the loop ended early
+
+
+def test_filters_equal_transformers_warpers():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 500) * 3
+    for temperature, top_p, top_k in [(0.8, 0.8, 50), (1.0, 0.3, 0), (0.5, 1.0, 7), (2.0, 0.95, 500)]:
+        ref = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            ref = TopKLogitsWarper(top_k)(None, ref)
+        ref = TopPLogitsWarper(top_p)(None, ref)
+        ours = filtered_logits(logits, T(temperature), T(top_p), top_k)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+        assert torch.allclose(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
+
+
+def test_exponential_race_draws_from_the_filtered_distribution():
+    logits = torch.log(T([[0.5, 0.25, 0.15, 0.07, 0.03]]))
+    gen = torch.Generator().manual_seed(1)
+    n = 40_000
+    noise = torch.empty(n, 5).exponential_(generator=gen)
+    draws = sample_next(logits.expand(n, 5), noise, T(1.0), T(0.85), 0)
+    freq = torch.bincount(draws, minlength=5) / n
+    # top-p 0.85 keeps 0.5, 0.25, 0.15 (the smallest set whose mass reaches 0.85), renormalised by 0.9
+    expected = T([0.5, 0.25, 0.15, 0, 0]) / 0.9
+    assert (freq - expected).abs().max() < 0.01 and freq[3:].sum() == 0
+    assert sample_next(logits, None, T(1.0), T(0.85), 0).tolist() == [0]
+
+
+def test_sampling_is_seeded_and_settings_matter(memorised):
+    model, tok, *_ = memorised
+    enc = _prompts(tok, ["random words"])
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(_decode(model, tok, enc, new=12, do_sample=True, temperature=5.0, top_p=1.0, top_k=0).tolist())
+    assert runs[0] == runs[1] != runs[2]
+    torch.manual_seed(0)
+    nearly_greedy = _decode(model, tok, enc, new=12, do_sample=True, temperature=1.0, top_p=1.0, top_k=1)
+    assert nearly_greedy.tolist() == _decode(model, tok, enc, new=12).tolist()
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(value.tolist())
+
+    def end(self):
+        self.calls.append("end")
+
+
+def test_streamer_gets_prompt_then_chunks_up_to_the_stop(memorised):
+    model, tok, records, *_ = memorised
+    enc = _prompts(tok, [records[0]["input"]])
+    rec = _Recorder()
+    ids = _decode(model, tok, enc, new=200, streamer=rec, check_every=4)[0].tolist()
+    assert rec.calls[0] == enc["input_ids"].tolist() and rec.calls[-1] == "end"
+    streamed = [t for chunk in rec.calls[1:-1] for t in chunk]
+    assert streamed == _until_stop(ids, tok.stop_ids) and streamed[-1] in tok.stop_ids
+    assert all(len(chunk) <= 4 for chunk in rec.calls[1:-1]) and len(rec.calls) > 3
+
+
+def test_prompt_and_new_tokens_must_fit_the_cache(memorised):
+    model, tok, *_ = memorised
+    enc = _prompts(tok, ["a question " * 20])
+    with pytest.raises(ValueError, match="exceed the static cache of 64 tokens"):
+        _decode(model, tok, enc, new=40, context=64)
