@@ -2,6 +2,7 @@
 # GPU-machine runs (full-size random-weight ChatGLM3-6B). Usage: bash benchmarks/gpu_session.sh STAGE...
 #   train      benchmarks/train_bench.py (original recipe vs glmlora defaults)
 #   chat       benchmarks/chat_bench.py (decode speed, batched generation)
+#   scaling    benchmarks/multi_gpu_bench.py: 1 GPU vs DDP vs FSDP on ${GPUS:-2} GPUs (a machine with that many)
 #   notebooks  notebooks 04-07 under nbval with GLMLORA_PROFILE=full-random, time and peak memory each,
 #              then 05 and 07 through nbclient for their SUMMARY lines
 # Wheels the machine lacks travel in .whl/, extra benchmark data in .gpu/data/ (both git-ignored).
@@ -19,6 +20,10 @@ DATA=$(ls .gpu/data/*.jsonl 2>/dev/null)
 for stage in "$@"; do
   case $stage in
     train) python3 benchmarks/train_bench.py --model "$MODEL" --data $DATA --variants "${VARIANTS:-a,e}" --json "$OUT/train_bench.json" 2>&1 | grep -v "it/s\]" ;;
+    scaling)
+      python3 -c "from glmlora.data import sample_data_path; print(sample_data_path())" | xargs cat $DATA > /tmp/scaling.jsonl
+      python3 benchmarks/multi_gpu_bench.py --gpus "${GPUS:-2}" --steps "${STEPS:-40}" --data /tmp/scaling.jsonl \
+        --workdir /tmp/scaling --json "$OUT/multi_gpu_bench.json" 2>&1 | grep -v "it/s\]" ;;
     chat) python3 benchmarks/chat_bench.py --model "$MODEL" --json "$OUT/chat_bench.json" 2>&1 | grep -v "it/s\]" ;;
     notebooks)
       python3 -m ipykernel install --prefix /tmp/kernel --name python3 >/dev/null && export JUPYTER_PATH=/tmp/kernel/share/jupyter

@@ -41,6 +41,7 @@ class TrainConfig:
 
     profile: str | None = None  # tiny | full | full-random | auto; None: GLMLORA_PROFILE, else auto
     lora: dict[str, Any] = field(default_factory=dict)  # arguments of glmlora.lora.lora_config
+    data: str | None = None  # a JSONL file of records (lesson 03's format), split 90/10; None: the bundled data
     pack_tokens: int | None = None
     max_length: int | None = None
     speed_ups: bool | None = None  # None: on CUDA (flex attention, Liger loss, compiled layers)
@@ -172,6 +173,7 @@ def _check_values(cfg: TrainConfig) -> None:
     for key in ("pack_tokens", "max_length"):
         if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
             raise ConfigError(f"{src}: key '{key}' must be a positive number of tokens, got {getattr(cfg, key)}")
+    data_file(cfg)
     if not cfg.resume:
         raise ConfigError(f"{src}: key 'resume' must be auto, never or a checkpoint directory, got an empty value")
     try:
@@ -220,23 +222,41 @@ class RunResult:
     resumed_from: str | None
     peak_memory: tuple[str, float] = ("host", 0.0)  # ("GPU", peak allocated GiB) on CUDA, else ("host", peak RSS GiB)
     is_main: bool = True  # rank 0, the one that prints
+    step_times: list[float] = field(default_factory=list)  # wall clock at the end of each optimizer step
+    pause_seconds: float = 0.0  # evaluation and checkpoint saving between steps of the steady window
 
     @property
     def tokens_per_second(self) -> float:
+        """Over the whole ``train()`` call: start-up, compilation, evaluation and checkpoints included."""
         return (self.global_step - self.start_step) * self.tokens_per_step / max(self.seconds, 1e-9)
+
+    @property
+    def steady_tokens_per_second(self) -> float:
+        """Between the end of step ``WARMUP_STEPS`` and the last step, not counting evaluation and checkpoint
+        saving in between: the speed to compare across GPU counts. The overall figure when too few steps ran."""
+        times = self.step_times[WARMUP_STEPS:]
+        seconds = (times[-1] - times[0] - self.pause_seconds) if len(times) > 1 else 0.0
+        if seconds <= 0:
+            return self.tokens_per_second
+        return (len(times) - 1) * self.tokens_per_step / seconds
 
     def summary(self) -> str:
         loss = (f"loss {self.losses[0][1]:.3f} -> {self.losses[-1][1]:.3f}" if self.losses else "no loss logged")
         resumed = f", resumed at step {self.start_step}" if self.resumed_from else ""
+        ranks = "rank 0" if self.world_size == 1 else f"largest of {self.world_size} ranks"
         return (f"SUMMARY train: profile {self.profile}, {self.global_step} steps{resumed}, {loss}, "
-                f"world size {self.world_size}, {self.tokens_per_second:,.0f} tokens/s "
-                f"({self.tokens_per_step:,} tokens per step), peak memory {self.peak_memory[1]:.2f} GiB "
-                f"({self.peak_memory[0]}, rank 0), {self.seconds:.1f} s, adapter in {self.adapter_dir}")
+                f"world size {self.world_size}, {self.steady_tokens_per_second:,.0f} tokens/s after warm-up "
+                f"({self.tokens_per_second:,.0f} overall; {self.tokens_per_step:,} tokens per step), peak memory "
+                f"{self.peak_memory[1]:.2f} GiB ({self.peak_memory[0]}, {ranks}), {self.seconds:.1f} s, "
+                f"adapter in {self.adapter_dir}")
 
 
+#: Optimizer steps left out of the steady speed: compilation, CUDA-graph and allocator warm-up happen there.
+WARMUP_STEPS = 3
 _SUMMARY = re.compile(r"SUMMARY train: profile (?P<profile>\S+), (?P<steps>\d+) steps.*?, "
-                      r"world size (?P<world_size>\d+), (?P<tokens_per_second>[\d,.]+) tokens/s .*?"
-                      r"peak memory (?P<peak_gib>[\d.]+) GiB \((?P<memory>\w+)")
+                      r"(?:loss (?P<first_loss>[\d.]+) -> (?P<last_loss>[\d.]+)|no loss logged), "
+                      r"world size (?P<world_size>\d+), (?P<tokens_per_second>[\d,.]+) tokens/s after warm-up "
+                      r"\((?P<overall>[\d,.]+) overall.*?peak memory (?P<peak_gib>[\d.]+) GiB \((?P<memory>\w+)")
 
 
 def parse_summary(text: str) -> dict[str, Any]:
@@ -245,8 +265,10 @@ def parse_summary(text: str) -> dict[str, Any]:
     if not found:
         raise ValueError("no 'SUMMARY train:' line in the output")
     m = found[-1]
+    number = lambda key: float(m[key].replace(",", "")) if m[key] else None  # noqa: E731
     return {"profile": m["profile"], "steps": int(m["steps"]), "world_size": int(m["world_size"]),
-            "tokens_per_second": float(m["tokens_per_second"].replace(",", "")),
+            "tokens_per_second": number("tokens_per_second"), "overall_tokens_per_second": number("overall"),
+            "first_loss": number("first_loss"), "last_loss": number("last_loss"),
             "peak_gib": float(m["peak_gib"]), "memory": m["memory"]}
 
 
@@ -273,9 +295,10 @@ def make_arguments(cfg: TrainConfig, profile: Any, output_dir: Path):
     Trainer would otherwise ask DDP to search the autograd graph for unused ones on every step."""
     from .training import training_arguments
 
-    overrides = {"ddp_find_unused_parameters": False, **profile.train_overrides, **cfg.training}
+    overrides = {"eval_strategy": "epoch", "ddp_find_unused_parameters": False, **profile.train_overrides,
+                 **cfg.training}
     try:
-        return training_arguments(output_dir, eval_strategy="epoch", **overrides)
+        return training_arguments(output_dir, **overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{cfg.source}: section 'training': {e}") from None
 
@@ -306,6 +329,16 @@ def packed_datasets(profile: Any, tokenizer: Any, train_path: Path, val_path: Pa
     train, _ = tokenize_records(load_records(train_path), tokenizer, profile.max_length)
     val, _ = tokenize_records(load_records(val_path), tokenizer, profile.max_length)
     return PackedDataset(train, profile.pack_tokens, seed=42), PackedDataset(val, profile.pack_tokens)
+
+
+def data_file(cfg: TrainConfig) -> Path | None:
+    """The config's ``data`` file, checked before any process starts on it."""
+    if cfg.data is None:
+        return None
+    path = Path(cfg.data).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{cfg.source}: key 'data': no file {path} (a JSONL file of records, lesson 03's format)")
+    return path.resolve()
 
 
 def resume_checkpoint(cfg: TrainConfig, output_dir: Path) -> str | None:
@@ -358,7 +391,7 @@ def make_trainer(cfg: TrainConfig, profile: Any, args: Any):
     # (one shared file system, unless save_on_each_node says each machine has its own).
     with args.main_process_first(local=args.save_on_each_node, desc="model conversion and data split"):
         native = ensure_native_model(profile)
-        train_path, val_path = ensure_splits(profile)
+        train_path, val_path = ensure_splits(profile, source=data_file(cfg))
     tokenizer = load_tokenizer(native)
     # Trainer seeds only after the model exists; LoRA's A matrices are random, so seed before building them:
     # the same config then gives the same run, on one process or many.
@@ -369,18 +402,70 @@ def make_trainer(cfg: TrainConfig, profile: Any, args: Any):
                    data_collator=default_data_collator, processing_class=tokenizer)
 
 
+def step_clock(result: RunResult) -> Any:
+    """A Trainer callback that fills ``result.step_times`` and ``result.pause_seconds``.
+
+    It waits for the GPU at each step end (a few milliseconds against steps of a few hundred), so that
+    the times are the GPU's and not how far ahead the host has queued work.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    def now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    class StepClock(TrainerCallback):
+        mark: float | None = None
+        pending = 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if len(result.step_times) > WARMUP_STEPS:  # the pause before this step lies in the steady window
+                result.pause_seconds += self.pending
+            self.pending, self.mark = 0.0, now()
+            result.step_times.append(self.mark)
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self._pause()
+
+        def on_save(self, args, state, control, **kwargs):
+            self._pause()
+
+        def _pause(self) -> None:
+            if self.mark is not None:
+                t = now()
+                self.pending += t - self.mark
+                self.mark = t
+
+    return StepClock()
+
+
+def largest_over_ranks(value: float) -> float:
+    """The largest ``value`` of all ranks (the card that must hold the most); ``value`` on one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return max(values)
+
+
 def train_and_save(trainer: Any, result: RunResult, loss_image: Path) -> None:
     """Train (resuming if asked), save the adapter and the loss curve; fills in ``result``."""
     from .training import loss_history, plot_loss
 
     if result.resumed_from and result.is_main:
         print(f"resuming from {result.resumed_from}", flush=True)
+    trainer.add_callback(step_clock(result))
     start = time.perf_counter()
     result.global_step = trainer.train(resume_from_checkpoint=result.resumed_from).global_step
     result.seconds = time.perf_counter() - start
     trainer.save_model(str(result.adapter_dir))  # on every rank: FSDP gathers the weights; only rank 0 writes
     result.losses = loss_history(trainer.state.log_history)["train"]
-    result.peak_memory = peak_memory()
+    kind, peak = peak_memory()
+    result.peak_memory = (kind, largest_over_ranks(peak))
     if trainer.is_world_process_zero():
         plot_loss(trainer.state.log_history, loss_image, title=f"LoRA on {result.profile}")
 
@@ -414,7 +499,9 @@ def run(cfg: TrainConfig) -> RunResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line; exit status 2 for a config error (message on stderr), 0 after training."""
+    """The command line; exit status 2 for a config or data error (message on stderr), 0 after training."""
+    from .data import DataError
+
     parser = argparse.ArgumentParser(prog="python -m glmlora.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, type=Path, help="training YAML (see configs/train_default.yaml)")
     ns = parser.parse_args(argv)
@@ -423,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # the data file named by the config (or the bundled one) has bad records
+        print(f"data error: {e}", file=sys.stderr)
         return 2
     if result.is_main:
         print(result.summary(), flush=True)

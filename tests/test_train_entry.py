@@ -16,8 +16,8 @@ import yaml
 from safetensors.torch import load_file
 
 from glmlora.lora import lora_config
-from glmlora.train import (ConfigError, load_config, main, parse_config, parse_summary, resolve_profile,
-                           resume_checkpoint)
+from glmlora.train import (WARMUP_STEPS, ConfigError, RunResult, load_config, main, parse_config, parse_summary,
+                           resolve_profile, resume_checkpoint, step_clock)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -95,6 +95,68 @@ def test_the_command_line_reports_config_errors_with_exit_status_2(tmp_path, cap
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"config error: {path}: key 'lora.alpha' must be an integer" in err
+
+
+def test_training_section_may_change_every_default(tmp_path):
+    from glmlora.train import make_arguments
+
+    cfg = parse_config({"profile": "tiny", "training": {"eval_strategy": "no", "save_strategy": "no"}}, "f.yaml")
+    args = make_arguments(cfg, resolve_profile(cfg), tmp_path)
+    assert (args.eval_strategy, args.save_strategy) == ("no", "no")
+    default = parse_config({"profile": "tiny"}, "f.yaml")
+    assert make_arguments(default, resolve_profile(default), tmp_path).eval_strategy == "epoch"
+
+
+def test_a_data_file_is_checked_when_the_config_is_read(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f"f.yaml: key 'data': no file {tmp_path / 'mine.jsonl'}")):
+        parse_config({"data": str(tmp_path / "mine.jsonl")}, "f.yaml")
+    write(tmp_path / "mine.jsonl", "")
+    assert parse_config({"data": str(tmp_path / "mine.jsonl")}, "f.yaml").data == str(tmp_path / "mine.jsonl")
+
+
+def test_bad_records_in_the_data_file_stop_the_run_naming_file_line_and_field(tmp_path, capsys, monkeypatch):
+    good = json.dumps({"input": "睡不着怎么办？", "output": "可以先试着固定起床时间。"}, ensure_ascii=False)
+    data = write(tmp_path / "mine.jsonl", f"{good}\n{good}\n" + json.dumps({"input": "只有问题"}) + "\n")
+    config = write(tmp_path / "train.yaml", yaml.safe_dump({"profile": "tiny", "data": str(data)}))
+    monkeypatch.setenv("GLMLORA_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setenv("GLMLORA_MODEL_CACHE", str(tmp_path / "models"))
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "data error: 1 problem(s)" in err and f"{data}:3" in err and "output" in err
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_steady_speed_leaves_out_warm_up_evaluation_and_saving(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr("glmlora.train.time.perf_counter", clock)
+    result = RunResult("tiny", 0, 0, 1, [], 0.0, 1000, Path("a"), None)
+    callback = step_clock(result)
+    # steps end at 10, 11, 12 (warm-up: slow), then every second; an evaluation of 5 s after the 5th step,
+    # a checkpoint save of 3 s after the last one (outside the window)
+    ends = [10, 11, 12, 13, 14, 20, 21, 22]
+    for i, end in enumerate(ends):
+        clock.t = end
+        callback.on_step_end(None, None, None)
+        if i == 4:
+            clock.t = 19
+            callback.on_evaluate(None, None, None)
+    clock.t = 25
+    callback.on_save(None, None, None)
+    result.global_step, result.seconds = len(ends), 30.0
+    assert WARMUP_STEPS == 3 and result.step_times == ends and result.pause_seconds == 5.0
+    # window: end of step 4 (t=13) to end of step 8 (t=22) = 9 s, minus 5 s of evaluation: 4 steps in 4 s
+    assert result.steady_tokens_per_second == pytest.approx(1000.0)
+    assert result.tokens_per_second == pytest.approx(8 * 1000 / 30)
+    summary = parse_summary(result.summary())
+    assert summary["tokens_per_second"] == 1000 and summary["overall_tokens_per_second"] == 267
+    assert summary["first_loss"] is None
 
 
 # ---------------------------------------------------------------------------------------------- accelerate configs
@@ -189,7 +251,7 @@ def assert_trained(workdir: Path, output: str, steps: int, world_size: int = 1) 
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = parse_summary(output)
     assert (summary["profile"], summary["steps"], summary["world_size"]) == ("tiny", steps, world_size)
-    assert summary["tokens_per_second"] > 0
+    assert summary["tokens_per_second"] > 0 and summary["last_loss"] > 0
     assert re.search(r"SUMMARY train: .*loss \d+\.\d+ -> \d+\.\d+", output)
 
 
@@ -242,5 +304,6 @@ def test_torchrun_two_processes_train_one_adapter(tmp_path, model_cache):
     output = launch(command, tmp_path, model_cache)
     assert_trained(tmp_path, output, steps=2, world_size=2)
     assert output.count("SUMMARY train:") == 1  # printed by rank 0 only
+    assert "(host, largest of 2 ranks)" in output
     checkpoint = tmp_path / "runs" / "tiny" / "checkpoint-2"
     assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
