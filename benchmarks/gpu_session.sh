@@ -3,8 +3,8 @@
 #   train      benchmarks/train_bench.py (original recipe vs glmlora defaults)
 #   chat       benchmarks/chat_bench.py (decode speed, batched generation)
 #   scaling    benchmarks/multi_gpu_bench.py: 1 GPU vs DDP vs FSDP on ${GPUS:-2} GPUs (a machine with that many)
-#   notebooks  notebooks 04-07 under nbval with GLMLORA_PROFILE=full-random, time and peak memory each,
-#              then 05 and 07 through nbclient for their SUMMARY lines
+#   notebooks  notebooks 04-07 (or $NOTEBOOKS) under nbval with GLMLORA_PROFILE=full-random, time and peak
+#              memory each; notebook 07's numbers (evaluation.json) come back in $OUT
 # Wheels the machine lacks travel in .whl/, extra benchmark data in .gpu/data/ (both git-ignored).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,18 +23,17 @@ for stage in "$@"; do
     scaling)
       python3 -c "from glmlora.data import sample_data_path; print(sample_data_path())" | xargs cat $DATA > /tmp/scaling.jsonl
       python3 benchmarks/multi_gpu_bench.py --gpus "${GPUS:-2}" --steps "${STEPS:-40}" --data /tmp/scaling.jsonl \
-        --workdir /tmp/scaling --json "$OUT/multi_gpu_bench.json" 2>&1 | grep -v "it/s\]" ;;
+        --workdir /tmp/scaling --json "$OUT/multi_gpu_bench.json" ${SCALING_ARGS:-} 2>&1 | grep -v "it/s\]" ;;
     chat) python3 benchmarks/chat_bench.py --model "$MODEL" --json "$OUT/chat_bench.json" 2>&1 | grep -v "it/s\]" ;;
     notebooks)
       python3 -m ipykernel install --prefix /tmp/kernel --name python3 >/dev/null && export JUPYTER_PATH=/tmp/kernel/share/jupyter
-      for nb in notebooks/0[4-7]*.ipynb; do
+      for nb in ${NOTEBOOKS:-notebooks/0[4-7]*.ipynb}; do
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > /tmp/mem.log & SMI=$!
         start=$(date +%s)
         (cd notebooks && GLMLORA_PROFILE=full-random python3 -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env "$(basename "$nb")" 2>&1 | tail -3)
         kill $SMI; peak=$(sort -n /tmp/mem.log | tail -1)
         echo "NOTEBOOK $(basename "$nb") $(( $(date +%s) - start )) s, peak GPU memory used ${peak} MiB (nvidia-smi)"
       done
-      # once more through nbclient for the SUMMARY lines (evaluation answers/s among them)
-      GLMLORA_PROFILE=full-random python3 tools/run_notebooks.py --out "$OUT" notebooks/07_evaluation.ipynb 2>&1 | grep -v "it/s" | tail -8 ;;
+      find "$GLMLORA_WORKDIR" -name evaluation.json -exec cp {} "$OUT/" \; ;;  # notebook 07's numbers
   esac
 done

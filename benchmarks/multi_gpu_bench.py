@@ -43,7 +43,7 @@ def write_config(path: Path, profile: str, data: Path | None, steps: int, accumu
     return path / "train.yaml"
 
 
-def command(kind: str, n: int, config: Path, cpu: bool, port: int) -> list[str]:
+def command(kind: str, n: int, config: Path, cpu: bool, port: int, launcher_args: list[str]) -> list[str]:
     train = ["-m", "glmlora.train", "--config", str(config)]
     if n == 1:
         return [sys.executable, *train]
@@ -51,7 +51,7 @@ def command(kind: str, n: int, config: Path, cpu: bool, port: int) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *train]
     accelerate_file = ROOT / "configs" / f"accelerate_{kind}.yaml"
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_file),
-            "--num_processes", str(n), "--main_process_port", str(port), *train]
+            "--num_processes", str(n), "--main_process_port", str(port), *launcher_args, *train]
 
 
 def run_one(name: str, kind: str, n: int, args: argparse.Namespace, speed_ups: bool | None,
@@ -59,7 +59,7 @@ def run_one(name: str, kind: str, n: int, args: argparse.Namespace, speed_ups: b
     folder = args.workdir / name
     shutil.rmtree(folder, ignore_errors=True)
     config = write_config(folder, args.profile, args.data, args.steps, args.max_gpus // n, speed_ups)
-    cmd = command(kind, n, config, args.cpu, port)
+    cmd = command(kind, n, config, args.cpu, port, args.fsdp_args.split() if kind == "fsdp" else [])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.cpu:
         env["OMP_NUM_THREADS"] = "1"
@@ -106,6 +106,9 @@ def main() -> int:
     p.add_argument("--data", type=Path, help="JSONL records to train on (default: the bundled data)")
     p.add_argument("--kinds", default="ddp,fsdp", help="which of ddp, fsdp to run with several processes")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("GLMLORA_WORKDIR", "work")) / "scaling")
+    p.add_argument("--fsdp-args", default="", help="extra accelerate launch options for FSDP runs, e.g. "
+                   "'--fsdp_backward_prefetch BACKWARD_POST'")
+    p.add_argument("--skip-single", action="store_true", help="no 1-GPU run (ratios then stay empty)")
     p.add_argument("--cpu", action="store_true", help="tiny model, CPU processes (tests the plumbing only)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -120,12 +123,14 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps({"rows": rows, "table": table(rows), "steps": args.steps}, indent=2))
 
-    record(run_one("1 GPU" if not args.cpu else "1 process", "ddp", 1, args, None, 29500))
+    if not args.skip_single:
+        record(run_one("1 GPU" if not args.cpu else "1 process", "ddp", 1, args, None, 29500))
     port = 29510
     for n in counts:
         for kind in kinds:
             port += 1
-            record(run_one(f"{kind.upper()} x{n}", kind, n, args, None, port))
+            name = f"{kind.upper()} x{n}" + (f" ({args.fsdp_args})" if kind == "fsdp" and args.fsdp_args else "")
+            record(run_one(name, kind, n, args, None, port))
             if "tokens_per_second" not in rows[-1] and not args.cpu:  # were glmlora's speed-ups the cause?
                 port += 1
                 record(run_one(f"{kind.upper()} x{n}, speed_ups false", kind, n, args, False, port))
