@@ -12,7 +12,7 @@ stop and to stream. The same loop runs uncompiled on a CPU, which is how the tes
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 import torch
 
@@ -58,19 +58,18 @@ def compiled_step(model: Any) -> Callable[..., torch.Tensor]:
 
 
 @torch.inference_mode()
-def decode(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-           max_new_tokens: int, stop_ids: list[int], pad_id: int, do_sample: bool = False,
-           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, streamer: Any = None,
-           check_every: int | None = None, compile: bool | None = None) -> torch.Tensor:
-    """New ids ``(batch, n)`` for left-padded prompts, written into an emptied static ``cache``.
+def decode_steps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 max_new_tokens: int, stop_ids: list[int], pad_id: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, check_every: int = 32,
+                 compile: bool | None = None) -> Generator[list[int], None, torch.Tensor]:
+    """The decode loop as a generator: every ``check_every`` tokens it yields row 0's newest ids (up to and
+    including its stop id, then nothing more), and it returns all new ids ``(batch, n)``.
 
     Rows stop at their first stop id (later places hold ``pad_id``); the loop ends when all rows have stopped,
-    noticed at most ``check_every`` tokens late. ``streamer`` (batch 1) gets the prompt, then the new ids in
-    chunks up to the stop, then ``end()``, as from ``generate``. ``compile`` defaults to "on CUDA".
-    ``check_every`` defaults to 8 tokens when streaming (smooth text) and 32 otherwise: each look waits for the
-    GPU, which cost 5 % of the speed at 8 on an H200 (BENCHMARKS.md).
+    noticed at most ``check_every`` tokens late. A generator rather than a background thread: with torch up to
+    2.12, a CUDA graph that ``torch.compile`` captured fails when replayed from another Python thread
+    (pytorch#123177), so streaming has to happen in the caller's thread. ``compile`` defaults to "on CUDA".
     """
-    check_every = check_every or (8 if streamer is not None else 32)
     batch, length = input_ids.shape
     context = cache.get_max_length()
     if length + max_new_tokens > context:
@@ -95,8 +94,6 @@ def decode(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask: torc
     positions = positions[:, -1:].clone()
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
     shown, n = 0, 0
     for i in range(max_new_tokens):
         nxt = torch.where(finished, pad_id, nxt)
@@ -104,7 +101,8 @@ def decode(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask: torc
         finished |= torch.isin(nxt, stops)
         n = i + 1
         if n % check_every == 0 or n == max_new_tokens:
-            shown = _show(streamer, out, shown, n, stop_ids)
+            chunk, shown = _first_row(out, shown, n, stop_ids)
+            yield chunk
             if bool(finished.all()):
                 break
         if n == max_new_tokens:
@@ -115,19 +113,37 @@ def decode(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask: torc
         if compile:
             torch.compiler.cudagraph_mark_step_begin()
         nxt = step(cache, tokens, positions, mask, draw(), temperature_t, top_p_t, top_k)
-    if streamer is not None:
-        streamer.end()
     return out[:, :n]
 
 
-def _show(streamer: Any, out: torch.Tensor, shown: int, n: int, stop_ids: list[int]) -> int:
-    """Hand the streamer ``out[0, shown:n]``, cut after a stop id; returns how far was shown."""
-    if streamer is None or shown < 0:
-        return shown
+def _first_row(out: torch.Tensor, shown: int, n: int, stop_ids: list[int]) -> tuple[list[int], int]:
+    """Row 0's ids ``shown:n``, cut after a stop id; and how far is shown now (``n``, or -1 after the stop)."""
+    if shown < 0:
+        return [], shown
     chunk = out[0, shown:n].tolist()
     stop = next((j for j, t in enumerate(chunk) if t in stop_ids), None)
-    if stop is not None:
-        streamer.put(torch.tensor(chunk[:stop + 1]))
-        return -1  # nothing more to show
-    streamer.put(torch.tensor(chunk))
-    return n
+    return (chunk, n) if stop is None else (chunk[:stop + 1], -1)
+
+
+def decode(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+           streamer: Any = None, check_every: int | None = None, **settings: Any) -> torch.Tensor:
+    """New ids ``(batch, n)`` for left-padded prompts, written into an emptied static ``cache``
+    (:func:`decode_steps` run to its end; ``settings``: its keyword arguments).
+
+    ``streamer`` (a transformers streamer, batch 1) gets the prompt, the new ids in chunks up to the stop, then
+    ``end()``, as from ``generate`` — in this thread. ``check_every`` defaults to 8 tokens when streaming
+    (smooth text) and 32 otherwise: each look waits for the GPU (5 % of the speed at 8 on an H200, BENCHMARKS.md).
+    """
+    steps = decode_steps(model, cache, input_ids, attention_mask,
+                         check_every=check_every or (8 if streamer is not None else 32), **settings)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    while True:
+        try:
+            chunk = next(steps)
+        except StopIteration as done:
+            if streamer is not None:
+                streamer.end()
+            return done.value
+        if streamer is not None and chunk:
+            streamer.put(torch.tensor(chunk))

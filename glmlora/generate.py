@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 from threading import Thread
 from typing import Any, Iterator, Sequence
 
@@ -17,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TextIteratorStreamer
 
-from .decoding import decode
+from .decoding import decode, decode_steps
 from .tokenizer import ChatGLM3Tokenizer
 
 Messages = list[dict[str, str]]
@@ -108,31 +109,31 @@ def static_cache(model: Any, context: int, batch_size: int = 1) -> Any:
     return cache
 
 
-def _generate_kwargs(tokenizer: ChatGLM3Tokenizer, settings: GenerationSettings, model: Any = None,
-                     context: int | None = None, batch_size: int = 1) -> dict[str, Any]:
-    """Stop ids + sampling settings; with ``model`` and ``context``, the static cache that makes
-    transformers compile the decode step (CUDA graphs: no Python overhead per token)."""
-    kw = {"eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_token_id, **settings.kwargs()}
-    if model is not None and context is not None:
-        kw["past_key_values"] = static_cache(model, context, batch_size)
-    return kw
+def _generate_kwargs(tokenizer: ChatGLM3Tokenizer, settings: GenerationSettings) -> dict[str, Any]:
+    """``generate``'s arguments: stop ids + sampling settings."""
+    return {"eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_token_id, **settings.kwargs()}
 
 
 def _use_fast_path(model: Any, fast: bool | None) -> bool:
     return bool(fast) if fast is not None else model.device.type == "cuda"
 
 
+def _loop_settings(tokenizer: ChatGLM3Tokenizer, settings: GenerationSettings) -> dict[str, Any]:
+    return dict(max_new_tokens=settings.max_new_tokens, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_token_id,
+                do_sample=settings.do_sample, temperature=settings.temperature, top_p=settings.top_p,
+                top_k=settings.top_k)
+
+
 def _new_ids(model: Any, tokenizer: ChatGLM3Tokenizer, ids: torch.Tensor, mask: torch.Tensor,
              settings: GenerationSettings, context: int | None, streamer: Any = None) -> torch.Tensor:
     """Generated ids ``(batch, n)`` after the prompt: :func:`glmlora.decoding.decode` on a static cache of
-    ``context`` tokens when one is given (the fast path), else transformers' ``generate`` (dynamic cache)."""
+    ``context`` tokens when one is given (the fast path), else transformers' ``generate`` (dynamic cache; also
+    for a ``repetition_penalty``, which the fast loop does not apply)."""
     if context is not None and settings.repetition_penalty == 1.0:
-        return decode(model, static_cache(model, context, ids.shape[0]), ids, mask,
-                      max_new_tokens=settings.max_new_tokens, stop_ids=tokenizer.stop_ids,
-                      pad_id=tokenizer.pad_token_id, do_sample=settings.do_sample, temperature=settings.temperature,
-                      top_p=settings.top_p, top_k=settings.top_k, streamer=streamer)
-    kw = _generate_kwargs(tokenizer, settings, model if context else None, context, ids.shape[0])
-    return model.generate(ids, attention_mask=mask, streamer=streamer, **kw)[:, ids.shape[1]:]
+        return decode(model, static_cache(model, context, ids.shape[0]), ids, mask, streamer=streamer,
+                      **_loop_settings(tokenizer, settings))
+    out = model.generate(ids, attention_mask=mask, streamer=streamer, **_generate_kwargs(tokenizer, settings))
+    return out[:, ids.shape[1]:]
 
 
 def conversation(query: str, history: Messages | None = None, system: str | None = None) -> Messages:
@@ -168,29 +169,51 @@ def decode_reply(tokenizer: ChatGLM3Tokenizer, new_ids: Sequence[int]) -> str:
 def stream_chat(model: Any, tokenizer: ChatGLM3Tokenizer, query: str, history: Messages | None = None,
                 system: str | None = None, settings: GenerationSettings | None = None,
                 max_context: int | None = None, fast: bool | None = None) -> Iterator[str]:
-    """Yield the reply in pieces as it is generated (generation runs in a background thread).
+    """Yield the reply in pieces as it is generated.
 
-    The metadata line is held back, so the pieces join to exactly what :func:`chat` returns.
+    The metadata line is held back, so the pieces join to exactly what :func:`chat` returns. The fast path
+    streams from :func:`glmlora.decoding.decode_steps` in this thread (a compiled CUDA graph must not be
+    replayed from another thread); ``generate`` runs in a background thread with a ``TextIteratorStreamer``.
     """
     settings = settings or GenerationSettings()
     fast = _use_fast_path(model, fast)
     context = _context(model, max_context, fast)
     ids = _prompt(tokenizer, conversation(query, history, system), model, settings, context)
+    if fast and settings.repetition_penalty == 1.0:
+        steps = decode_steps(model, static_cache(model, context), ids, torch.ones_like(ids), check_every=8,
+                             **_loop_settings(tokenizer, settings))
+        yield from _reply_pieces(_texts(tokenizer, steps))
+        return
     streamer = ReplyStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(model=model, tokenizer=tokenizer, ids=ids, mask=torch.ones_like(ids), settings=settings,
-                  context=context if fast else None, streamer=streamer)
+                  context=None, streamer=streamer)
     worker = Thread(target=_generate_quietly, args=(kwargs,), daemon=True)
     worker.start()
+    yield from _reply_pieces(accumulate(streamer))
+    worker.join()
+    if isinstance(kwargs.get("error"), BaseException):
+        raise kwargs["error"]
+
+
+def _texts(tokenizer: ChatGLM3Tokenizer, chunks: Iterator[list[int]]) -> Iterator[str]:
+    """The text so far after each chunk of new ids (stop ids decode to nothing); never half a character."""
+    ids: list[int] = []
+    for chunk in chunks:
+        ids += chunk
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            yield text
+    yield tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _reply_pieces(texts: Iterator[str]) -> Iterator[str]:
+    """New visible content from successive texts-so-far; the metadata line is never shown."""
     text, sent = "", 0
-    for piece in streamer:
-        text += piece
+    for text in texts:
         content = _visible_content(text)
         if content is not None and len(content) > sent:
             yield content[sent:]
             sent = len(content)
-    worker.join()
-    if isinstance(kwargs.get("error"), BaseException):
-        raise kwargs["error"]
     final = split_reply(text)[1]  # e.g. no metadata line at all: nothing was shown yet
     if len(final) > sent:
         yield final[sent:]

@@ -100,3 +100,30 @@ def test_batched_static_cache_path_matches_the_dynamic_one(memorised):
     plain = generate_batch(model, tok, prompts, GREEDY, batch_size=4, progress=False)
     fast = generate_batch(model, tok, prompts, GREEDY, batch_size=4, progress=False, fast=True)
     assert fast == plain and len(fast) == 7  # the last batch of 3 was filled up to 4 and trimmed again
+
+
+def test_fast_streaming_runs_the_model_in_the_callers_thread(memorised):
+    """A CUDA graph captured by torch.compile cannot be replayed from another Python thread (pytorch#123177)."""
+    import threading
+
+    model, tok, records, *_ = memorised
+    threads = set()
+    hook = model.register_forward_pre_hook(lambda *_: threads.add(threading.get_ident()))
+    try:
+        pieces = list(stream_chat(model, tok, records[2]["input"], settings=GREEDY, fast=True, max_context=512))
+    finally:
+        hook.remove()
+    assert threads == {threading.get_ident()}
+    assert "".join(pieces) == chat(model, tok, records[2]["input"], settings=GREEDY, fast=False)[0]
+
+
+def test_fast_path_samples_the_same_reply_streamed_or_not(memorised):
+    model, tok, *_ = memorised
+    hot = GenerationSettings(temperature=3.0, top_p=0.95, max_new_tokens=24)
+    torch.manual_seed(3)
+    reply, _ = chat(model, tok, "random words", settings=hot, fast=True, max_context=512)
+    torch.manual_seed(3)
+    streamed = "".join(stream_chat(model, tok, "random words", settings=hot, fast=True, max_context=512))
+    torch.manual_seed(4)
+    other, _ = chat(model, tok, "random words", settings=hot, fast=True, max_context=512)
+    assert streamed == reply != other and len(reply) > 10
