@@ -75,10 +75,13 @@ def train_adapter(profile: Profile, **overrides: Any) -> Path:
     ``overrides`` are ``TrainingArguments`` fields. Returns the saved adapter directory.
     """
     from .train import TrainConfig, run
+    from .training import free_memory
 
     config = TrainConfig(profile=profile.name, pack_tokens=profile.pack_tokens, max_length=profile.max_length,
                          training=dict(overrides), resume="never", source="glmlora.pipeline.train_adapter")
-    return run(config).adapter_dir
+    adapter = run(config).adapter_dir
+    free_memory()  # a lesson that trains on the fly then loads the model again: not two 6B models on one card
+    return adapter
 
 
 def ensure_adapter(profile: Profile) -> Path:

@@ -7,6 +7,7 @@ row of examples per step (``glmlora.packing``), so the GPU never computes on pad
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
 from pathlib import Path
@@ -87,6 +88,14 @@ def collator(tokenizer: ChatGLM3Tokenizer, pad_to_multiple_of: int | None = 8) -
 def trainable_summary(model: Any) -> str:
     trainable, total = model.get_nb_trainable_parameters()
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %)"
+
+
+def free_memory() -> None:
+    """Hand back what a finished training run held: collect the garbage (Trainer, model and hooks reference
+    each other, so they outlive the function that made them) and return PyTorch's cached GPU blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def memory_report() -> dict[str, float]:

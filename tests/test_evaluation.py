@@ -19,8 +19,19 @@ def finetuned(tmp_path_factory):
 
     with private_workdir(tmp_path_factory.mktemp("work")):
         profile = select_profile("tiny")
-        model, tok = load_finetuned(profile, merge=False)
+        before = live_models()
+        model, tok = load_finetuned(profile, merge=False)  # trains the adapter first: none exists yet
+        assert live_models() == before + 1  # the training run's model is gone, only the reloaded one lives
         yield model, tok, load_records(profile.data_dir / "val.jsonl"), profile
+
+
+def live_models() -> int:
+    import gc
+
+    from transformers import GlmForCausalLM
+
+    gc.collect()
+    return sum(isinstance(o, GlmForCausalLM) for o in gc.get_objects())
 
 
 def test_finetuned_heldout_loss_is_lower_than_the_base_model(finetuned):
