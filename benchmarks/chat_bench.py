@@ -11,6 +11,8 @@ since random weights stop anywhere). Prints decode tokens/s, time to first token
      in one compiled CUDA graph, the host looks at the tokens every 32) - what chat() runs on CUDA
   diagnostics in the same run: b with a dynamic cache; transformers' generate on the same static cache with its
   own compiled step ("b_hf_static", glmlora's previous fast path); b checking every 8 tokens (as when streaming)
+  --extra autotune: b compiled with torch.compile mode "max-autotune" ("b_max_autotune": inductor benchmarks its own
+  matmul kernels against cuBLAS for each shape) - a candidate for closing the gap to the bound (long compile)
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from glmlora.lora import lora_config  # noqa: E402
 from glmlora.tiny import build_full_random, build_tiny  # noqa: E402
 
 NEW = 256
+#: Opt-in decode variants: (result name, torch.compile mode, inductor config while compiling).
+EXTRA = {"autotune": ("b_max_autotune", "max-autotune", {})}
 
 
 def copy_bandwidth(gib: int = 4) -> float:
@@ -98,6 +102,30 @@ def timed_decode(model, ids, **kw) -> tuple[float, float, int]:
     return ttft, (new - 1) / (time.perf_counter() - t0 - ttft), new
 
 
+def profile_decode(model, ids, tokens: int = 64, **kw) -> dict:
+    """Where a token's time goes on the (already compiled) fast path: wall time vs GPU busy time per token and the
+    kernels that take it (torch.profiler; CUDA-graph replays included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    run = lambda: decode(model, static_cache(model, 1024), ids, torch.ones_like(ids), max_new_tokens=tokens,  # noqa: E731
+                         stop_ids=[], pad_id=0, **kw)
+    run()
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        run()
+        sync()
+        wall = time.perf_counter() - t0
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    busy_us = sum(e.self_device_time_total for e in events)
+    top = [{"kernel": e.key[:90], "us_per_token": e.self_device_time_total / tokens, "calls_per_token": e.count / tokens}
+           for e in events[:15]]
+    return {"tokens": tokens, "wall_ms_per_token": wall * 1e3 / tokens, "gpu_busy_ms_per_token": busy_us / 1e3 / tokens,
+            "kernel_calls_per_token": sum(e.count for e in events) / tokens, "top": top}
+
+
 def stream_check(model, tok) -> dict:
     """On the fast path: streamed text == non-streamed text (greedy), and the time of each."""
     from glmlora.generate import chat, stream_chat
@@ -130,6 +158,8 @@ def main() -> int:
     p.add_argument("--size", choices=["full", "tiny"], default="full")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--batches", default="8,32")
+    p.add_argument("--profile", action="store_true", help="profile 64 tokens of b (kernel table per token)")
+    p.add_argument("--extra", default="", help="extra decode variants (comma-separated): autotune")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,6 +206,27 @@ def main() -> int:
         except Exception as e:  # record why the fast path failed
             results[f"{name}_error"] = f"{type(e).__name__}: {e}"[:800]
         print(name, results.get(name, results.get(f"{name}_error")), flush=True)
+    if args.profile and "b" in results:
+        results["profile"] = prof = profile_decode(merged, ids, **loop)
+        print(f"profile of b: {prof['wall_ms_per_token']:.2f} ms per token, GPU busy {prof['gpu_busy_ms_per_token']:.2f} ms "
+              f"in {prof['kernel_calls_per_token']:.0f} kernel calls", flush=True)
+        for row in prof["top"]:
+            print(f"  {row['us_per_token']:8.1f} us/token  {row['calls_per_token']:6.1f} calls/token  {row['kernel']}")
+    for extra in filter(None, args.extra.split(",")):
+        name, mode, config = EXTRA[extra]
+        torch._dynamo.reset()
+        merged.__dict__.pop("_glmlora_decode_steps", None)
+        try:
+            with torch._inductor.config.patch(config):
+                t0 = time.perf_counter()
+                ttft, tps, new = timed_decode(merged, ids, **loop, compile=mode)
+            results[name] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new,
+                             "warmup_and_compile_s": time.perf_counter() - t0}
+        except Exception as e:
+            results[f"{name}_error"] = f"{type(e).__name__}: {e}"[:800]
+        print(name, results.get(name, results.get(f"{name}_error")), flush=True)
+        torch._dynamo.reset()
+        merged.__dict__.pop("_glmlora_decode_steps", None)
     if device == "cuda":
         fresh = lambda: {"past_key_values": static_cache(merged, 1024)}  # noqa: E731
         try:
@@ -211,7 +262,7 @@ def main() -> int:
     print(f"\n{card}; torch {torch.__version__}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
           f"{bw / 1e12:.2f} TB/s; bound {bound:.0f} tokens/s")
     print("| variant | decode tok/s | % of bound | TTFT ms (512-token prompt) |\n|---|---|---|---|")
-    for name in ("a", "b", "b_check_every_8", "b_hf_static", "b_dynamic_cache"):
+    for name in ("a", "b", "b_check_every_8", "b_max_autotune", "b_hf_static", "b_dynamic_cache"):
         if name not in results:
             continue
         r = results[name]

@@ -24,7 +24,7 @@ for stage in "$@"; do
       python3 -c "from glmlora.data import sample_data_path; print(sample_data_path())" | xargs cat $DATA > /tmp/scaling.jsonl
       python3 benchmarks/multi_gpu_bench.py --gpus "${GPUS:-2}" --steps "${STEPS:-40}" --data /tmp/scaling.jsonl \
         --workdir /tmp/scaling --json "$OUT/multi_gpu_bench.json" ${SCALING_ARGS:-} 2>&1 | grep -v "it/s\]" ;;
-    chat) python3 benchmarks/chat_bench.py --model "$MODEL" --json "$OUT/chat_bench.json" 2>&1 | grep -v "it/s\]" ;;
+    chat) python3 benchmarks/chat_bench.py --model "$MODEL" --json "$OUT/chat_bench.json" ${CHAT_ARGS:-} 2>&1 | grep -v "it/s\]" ;;
     notebooks)
       python3 -m ipykernel install --prefix /tmp/kernel --name python3 >/dev/null && export JUPYTER_PATH=/tmp/kernel/share/jupyter
       for nb in ${NOTEBOOKS:-notebooks/0[4-7]*.ipynb}; do

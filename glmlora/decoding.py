@@ -48,27 +48,28 @@ def _step(model: Any, cache: Any, tokens: torch.Tensor, positions: torch.Tensor,
     return sample_next(logits, noise, temperature, top_p, top_k)
 
 
-def compiled_step(model: Any) -> Callable[..., torch.Tensor]:
-    """The model's decode step compiled once with CUDA graphs ("reduce-overhead"), kept on the model."""
-    step = model.__dict__.get("_glmlora_decode_step")
-    if step is None:
-        step = torch.compile(lambda *args: _step(model, *args), mode="reduce-overhead")
-        model.__dict__["_glmlora_decode_step"] = step
-    return step
+def compiled_step(model: Any, mode: str = "reduce-overhead") -> Callable[..., torch.Tensor]:
+    """The model's decode step compiled once with ``torch.compile`` (``mode`` "reduce-overhead": CUDA graphs),
+    kept on the model, one per mode."""
+    steps = model.__dict__.setdefault("_glmlora_decode_steps", {})
+    if mode not in steps:
+        steps[mode] = torch.compile(lambda *args: _step(model, *args), mode=mode)
+    return steps[mode]
 
 
 @torch.inference_mode()
 def decode_steps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                  max_new_tokens: int, stop_ids: list[int], pad_id: int, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, check_every: int = 32,
-                 compile: bool | None = None) -> Generator[list[int], None, torch.Tensor]:
+                 compile: bool | str | None = None) -> Generator[list[int], None, torch.Tensor]:
     """The decode loop as a generator: every ``check_every`` tokens it yields row 0's newest ids (up to and
     including its stop id, then nothing more), and it returns all new ids ``(batch, n)``.
 
     Rows stop at their first stop id (later places hold ``pad_id``); the loop ends when all rows have stopped,
     noticed at most ``check_every`` tokens late. A generator rather than a background thread: with torch up to
     2.12, a CUDA graph that ``torch.compile`` captured fails when replayed from another Python thread
-    (pytorch#123177), so streaming has to happen in the caller's thread. ``compile`` defaults to "on CUDA".
+    (pytorch#123177), so streaming has to happen in the caller's thread. ``compile`` defaults to "on CUDA";
+    a string picks another ``torch.compile`` mode (benchmarks try "max-autotune").
     """
     batch, length = input_ids.shape
     context = cache.get_max_length()
@@ -77,7 +78,10 @@ def decode_steps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask
                          f"of {context} tokens")
     device = input_ids.device
     compile = device.type == "cuda" if compile is None else compile
-    step = compiled_step(model) if compile else (lambda *args: _step(model, *args))
+    if compile:
+        step = compiled_step(model, compile if isinstance(compile, str) else "reduce-overhead")
+    else:
+        step = lambda *args: _step(model, *args)  # noqa: E731
     mask = torch.zeros(batch, context, dtype=torch.long, device=device)
     mask[:, :length] = attention_mask
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
