@@ -11,8 +11,10 @@ since random weights stop anywhere). Prints decode tokens/s, time to first token
      in one compiled CUDA graph, the host looks at the tokens every 32) - what chat() runs on CUDA
   diagnostics in the same run: b with a dynamic cache; transformers' generate on the same static cache with its
   own compiled step ("b_hf_static", glmlora's previous fast path); b checking every 8 tokens (as when streaming)
-  --extra autotune: b compiled with torch.compile mode "max-autotune" ("b_max_autotune": inductor benchmarks its own
-  matmul kernels against cuBLAS for each shape) - a candidate for closing the gap to the bound (long compile)
+  b_context_4096: b on the 4,096-token cache that chat() keeps (b uses 1,024)
+  --extra autotune,flex: b compiled with mode "max-autotune" (inductor benchmarks its own matmul kernels against
+  cuBLAS for each shape; long compile), and b with flex attention on the 4,096-token cache (grouped k/v heads
+  without copies, empty cache blocks skipped) - candidates for closing the gap to the bound
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ from glmlora.lora import lora_config  # noqa: E402
 from glmlora.tiny import build_full_random, build_tiny  # noqa: E402
 
 NEW = 256
-#: Opt-in decode variants: (result name, torch.compile mode, inductor config while compiling).
-EXTRA = {"autotune": ("b_max_autotune", "max-autotune", {})}
+#: Opt-in decode variants: (result name, torch.compile mode, attention implementation, cache tokens).
+EXTRA = {"autotune": ("b_max_autotune", "max-autotune", "sdpa", 1024),
+         "flex": ("b_flex_4096", "reduce-overhead", "flex_attention", 4096)}
 
 
 def copy_bandwidth(gib: int = 4) -> float:
@@ -85,9 +88,10 @@ def timed_generate(model, ids, full_warmup: bool = False, fresh=None, **kw) -> t
     return ttft, (new - 1) / (total - ttft), new
 
 
-def timed_decode(model, ids, **kw) -> tuple[float, float, int]:
-    """Like :func:`timed_generate` for glmlora's decode loop (no stop ids: always 256 new tokens)."""
-    run = lambda n: decode(model, static_cache(model, 1024), ids, torch.ones_like(ids), max_new_tokens=n,  # noqa: E731
+def timed_decode(model, ids, context: int = 1024, **kw) -> tuple[float, float, int]:
+    """Like :func:`timed_generate` for glmlora's decode loop (no stop ids: always 256 new tokens) on a static
+    cache of ``context`` tokens."""
+    run = lambda n: decode(model, static_cache(model, context), ids, torch.ones_like(ids), max_new_tokens=n,  # noqa: E731
                            stop_ids=[], pad_id=0, **kw)
     for _ in range(2):  # compilation and CUDA-graph capture
         run(NEW)
@@ -159,7 +163,7 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--batches", default="8,32")
     p.add_argument("--profile", action="store_true", help="profile 64 tokens of b (kernel table per token)")
-    p.add_argument("--extra", default="", help="extra decode variants (comma-separated): autotune")
+    p.add_argument("--extra", default="", help="extra decode variants (comma-separated): autotune, flex")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -195,7 +199,9 @@ def main() -> int:
     results["b_dynamic_cache"] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new}
     print("b with a dynamic cache (diagnostic)", results["b_dynamic_cache"], flush=True)
     loop = dict(do_sample=True, temperature=0.8, top_p=0.8, top_k=50)  # glmlora's loop: compiled on CUDA
-    for name, extra in [("b", {}), ("b_check_every_8", {"check_every": 8})]:
+    # b_context_4096: the cache size chat() uses (FAST_CONTEXT). With a mask, transformers' SDPA path copies the
+    # 2 k/v heads out to 32 over the whole cache (repeat_kv) in every layer, so the cache size costs traffic.
+    for name, extra in [("b", {}), ("b_check_every_8", {"check_every": 8}), ("b_context_4096", {"context": 4096})]:
         try:
             t0 = time.perf_counter()
             ttft, tps, new = timed_decode(merged, ids, **loop, **extra)
@@ -213,17 +219,19 @@ def main() -> int:
         for row in prof["top"]:
             print(f"  {row['us_per_token']:8.1f} us/token  {row['calls_per_token']:6.1f} calls/token  {row['kernel']}")
     for extra in filter(None, args.extra.split(",")):
-        name, mode, config = EXTRA[extra]
+        name, mode, attention, context = EXTRA[extra]
         torch._dynamo.reset()
         merged.__dict__.pop("_glmlora_decode_steps", None)
         try:
-            with torch._inductor.config.patch(config):
-                t0 = time.perf_counter()
-                ttft, tps, new = timed_decode(merged, ids, **loop, compile=mode)
+            merged.set_attn_implementation(attention)
+            t0 = time.perf_counter()
+            ttft, tps, new = timed_decode(merged, ids, context=context, **loop, compile=mode)
             results[name] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new,
                              "warmup_and_compile_s": time.perf_counter() - t0}
         except Exception as e:
             results[f"{name}_error"] = f"{type(e).__name__}: {e}"[:800]
+        finally:
+            merged.set_attn_implementation("sdpa")
         print(name, results.get(name, results.get(f"{name}_error")), flush=True)
         torch._dynamo.reset()
         merged.__dict__.pop("_glmlora_decode_steps", None)
@@ -262,7 +270,7 @@ def main() -> int:
     print(f"\n{card}; torch {torch.__version__}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
           f"{bw / 1e12:.2f} TB/s; bound {bound:.0f} tokens/s")
     print("| variant | decode tok/s | % of bound | TTFT ms (512-token prompt) |\n|---|---|---|---|")
-    for name in ("a", "b", "b_check_every_8", "b_max_autotune", "b_hf_static", "b_dynamic_cache"):
+    for name in ("a", "b", "b_check_every_8", "b_context_4096", "b_max_autotune", "b_flex_4096", "b_hf_static", "b_dynamic_cache"):
         if name not in results:
             continue
         r = results[name]
