@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from transformers import StaticCache
@@ -19,10 +21,10 @@ def _prompts(tok, texts):
     return tok.pad(rows, padding_side="left", return_tensors="pt")
 
 
-def _decode(model, tok, enc, new=40, context=256, **kw):
+def _decode(model, tok, enc, new=40, context=256, compile=False, **kw):
     cache = StaticCache(config=model.config, max_cache_len=context)
     return decode(model, cache, enc["input_ids"], enc["attention_mask"], max_new_tokens=new,
-                  stop_ids=tok.stop_ids, pad_id=tok.pad_token_id, compile=False, **kw)
+                  stop_ids=tok.stop_ids, pad_id=tok.pad_token_id, compile=compile, **kw)
 
 
 def _until_stop(ids, stops):
@@ -112,3 +114,31 @@ def test_prompt_and_new_tokens_must_fit_the_cache(memorised):
     enc = _prompts(tok, ["a question " * 20])
     with pytest.raises(ValueError, match="exceed the static cache of 64 tokens"):
         _decode(model, tok, enc, new=40, context=64)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on the CPU")
+def test_compiled_step_equals_the_eager_loop_for_a_peft_model_adapter_on_and_off(tiny_original):
+    """The CPU stand-in for the CUDA path: torch.compile of step + sampling changes no id, with LoRA layers in the
+    graph and with the adapter switched off (lesson 07's base model)."""
+    from peft import get_peft_model
+
+    from glmlora.chatglm3 import ensure_native, load_model
+    from glmlora.evaluation import adapter_off
+    from glmlora.lora import lora_config
+    from glmlora.tokenizer import load_tokenizer
+
+    native = ensure_native(tiny_original)
+    tok = load_tokenizer(native)
+    model = get_peft_model(load_model(native, dtype=torch.float32), lora_config()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    enc = _prompts(tok, ["你好 random words", "another question here"])
+    runs = {}
+    for adapter in (True, False):
+        with adapter_off(model) if not adapter else torch.no_grad():
+            for compiled in (False, True):
+                runs[adapter, compiled] = _decode(model, tok, enc, new=16, context=128, compile=compiled)
+    assert torch.equal(runs[True, False], runs[True, True]) and torch.equal(runs[False, False], runs[False, True])
+    assert not torch.equal(runs[True, False], runs[False, False])  # the adapter really was off
