@@ -55,11 +55,11 @@ def command(kind: str, n: int, config: Path, cpu: bool, port: int, launcher_args
 
 
 def run_one(name: str, kind: str, n: int, args: argparse.Namespace, speed_ups: bool | None,
-            port: int) -> dict:
-    folder = args.workdir / name
+            port: int, launcher_args: str = "") -> dict:
+    folder = args.workdir / name.replace(" ", "_").replace("=", "-")
     shutil.rmtree(folder, ignore_errors=True)
     config = write_config(folder, args.profile, args.data, args.steps, args.max_gpus // n, speed_ups)
-    cmd = command(kind, n, config, args.cpu, port, args.fsdp_args.split() if kind == "fsdp" else [])
+    cmd = command(kind, n, config, args.cpu, port, launcher_args.split())
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.cpu:
         env["OMP_NUM_THREADS"] = "1"
@@ -106,8 +106,9 @@ def main() -> int:
     p.add_argument("--data", type=Path, help="JSONL records to train on (default: the bundled data)")
     p.add_argument("--kinds", default="ddp,fsdp", help="which of ddp, fsdp to run with several processes")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("GLMLORA_WORKDIR", "work")) / "scaling")
-    p.add_argument("--fsdp-args", default="", help="extra accelerate launch options for FSDP runs, e.g. "
-                   "'--fsdp_backward_prefetch BACKWARD_POST'")
+    p.add_argument("--fsdp-args", action="append", help="extra accelerate launch options of one FSDP run; "
+                   "repeat for several runs, e.g. --fsdp-args= --fsdp-args=--fsdp_backward_prefetch=BACKWARD_POST "
+                   "(default: one run with the config file as shipped)")
     p.add_argument("--skip-single", action="store_true", help="no 1-GPU run (ratios then stay empty)")
     p.add_argument("--cpu", action="store_true", help="tiny model, CPU processes (tests the plumbing only)")
     p.add_argument("--json", type=Path)
@@ -128,12 +129,13 @@ def main() -> int:
     port = 29510
     for n in counts:
         for kind in kinds:
-            port += 1
-            name = f"{kind.upper()} x{n}" + (f" ({args.fsdp_args})" if kind == "fsdp" and args.fsdp_args else "")
-            record(run_one(name, kind, n, args, None, port))
-            if "tokens_per_second" not in rows[-1] and not args.cpu:  # were glmlora's speed-ups the cause?
+            for extra in (args.fsdp_args or [""]) if kind == "fsdp" else [""]:
                 port += 1
-                record(run_one(f"{kind.upper()} x{n}, speed_ups false", kind, n, args, False, port))
+                name = f"{kind.upper()} x{n}" + (f" {extra}" if extra else "")
+                record(run_one(name, kind, n, args, None, port, extra))
+                if "tokens_per_second" not in rows[-1] and not args.cpu:  # were glmlora's speed-ups the cause?
+                    port += 1
+                    record(run_one(f"{name}, speed_ups false", kind, n, args, False, port, extra))
     print("\n" + table(rows))
     return 0 if all("tokens_per_second" in r for r in rows) else 1
 
