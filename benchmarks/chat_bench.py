@@ -260,10 +260,12 @@ def main() -> int:
                 generate_batch(merged, tok, convs[:b], greedy, batch_size=b, progress=False, fast=True)
             sync()
             t0 = time.perf_counter()
-            generate_batch(merged, tok, convs[:b], greedy, batch_size=b, progress=False, fast=fast)
+            replies = generate_batch(merged, tok, convs[:b], greedy, batch_size=b, progress=False, fast=fast)
             sync()
             seconds = time.perf_counter() - t0
-            results[name] = {"seconds": seconds, "samples_per_s": b / seconds}
+            reply_tokens = sum(len(tok.encode_text(r)) for r in replies)  # the replies, re-encoded: ~tokens made
+            results[name] = {"seconds": seconds, "samples_per_s": b / seconds, "reply_tokens": reply_tokens,
+                             "reply_tokens_per_s": reply_tokens / seconds}
             print(name, results[name], flush=True)
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
