@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any, Callable, Iterator
 
+from .decoding import will_compile
 from .generate import GenerationSettings, Messages, stream_chat
 
 DISCLAIMER = ("This assistant is a teaching demo, not a therapist or a medical service. In a crisis, call your "
@@ -84,7 +85,9 @@ class ChatBox:
         if not text.strip():
             self.status.value = "<i>Type a message first.</i>"
             return ""
-        self.input.value, self.status.value = "", "<i>thinking…</i>"
+        first = (" (the first reply compiles the decode step for the GPU: about a minute at 6B size, then it is"
+                 " fast)" if will_compile(self.session.model) else "")
+        self.input.value, self.status.value = "", f"<i>thinking…{first}</i>"
         self.send_button.disabled = True
         reply = ""
         try:

@@ -57,6 +57,12 @@ def compiled_step(model: Any, mode: str = "reduce-overhead") -> Callable[..., to
     return steps[mode]
 
 
+def will_compile(model: Any) -> bool:
+    """Whether the next fast-path reply compiles the decode step first (on CUDA, once per model): a chat UI
+    says so, because at 6B size it takes about a minute."""
+    return model.device.type == "cuda" and not model.__dict__.get("_glmlora_decode_steps")
+
+
 @torch.inference_mode()
 def decode_steps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                  max_new_tokens: int, stop_ids: list[int], pad_id: int, do_sample: bool = False,

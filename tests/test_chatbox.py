@@ -48,3 +48,27 @@ def test_chat_box_buttons(memorised):
 def test_transcript_escapes_html():
     html = render_transcript([("<b>hi</b>", "ok")], pending=("next", ""))
     assert "&lt;b&gt;hi&lt;/b&gt;" in html and "…" in html
+
+
+def test_chat_box_warns_that_the_first_gpu_reply_compiles(memorised):
+    import torch
+
+    _, tok, *_ = memorised
+
+    class OnCuda:  # the status logic only looks at the device and at compiled steps kept on the model
+        device = torch.device("cuda")
+
+    seen = []
+
+    def stream(*_):
+        seen.append(box.status.value)
+        yield "好的"
+
+    model = OnCuda()
+    box = ChatBox(ChatSession(model, tok, stream=stream))
+    box.input.value = "你好"
+    assert box.send() == "好的" and "compiles the decode step" in seen[-1] and box.status.value == ""
+    model._glmlora_decode_steps = {"reduce-overhead": object()}  # compiled now
+    box.input.value = "再问一次"
+    box.send()
+    assert seen[-1] == "<i>thinking…</i>"
