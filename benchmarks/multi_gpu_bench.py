@@ -43,13 +43,14 @@ def write_config(path: Path, profile: str, data: Path | None, steps: int, accumu
     return path / "train.yaml"
 
 
-def command(kind: str, n: int, config: Path, cpu: bool, port: int, launcher_args: list[str]) -> list[str]:
+def command(kind: str, n: int, config: Path, cpu: bool, port: int, launcher_args: list[str],
+            fsdp_config: Path | None = None) -> list[str]:
     train = ["-m", "glmlora.train", "--config", str(config)]
     if n == 1:
         return [sys.executable, *train]
     if cpu:  # DDP over gloo; accelerate's CPU multi-process mode wants MPI or oneCCL
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *train]
-    accelerate_file = ROOT / "configs" / f"accelerate_{kind}.yaml"
+    accelerate_file = (fsdp_config if kind == "fsdp" and fsdp_config else ROOT / "configs" / f"accelerate_{kind}.yaml")
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_file),
             "--num_processes", str(n), "--main_process_port", str(port), *launcher_args, *train]
 
@@ -59,7 +60,7 @@ def run_one(name: str, kind: str, n: int, args: argparse.Namespace, speed_ups: b
     folder = args.workdir / name.replace(" ", "_").replace("=", "-")
     shutil.rmtree(folder, ignore_errors=True)
     config = write_config(folder, args.profile, args.data, args.steps, args.max_gpus // n, speed_ups)
-    cmd = command(kind, n, config, args.cpu, port, launcher_args.split())
+    cmd = command(kind, n, config, args.cpu, port, launcher_args.replace(",", " ").split(), args.fsdp_config)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.cpu:
         env["OMP_NUM_THREADS"] = "1"
@@ -108,7 +109,9 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("GLMLORA_WORKDIR", "work")) / "scaling")
     p.add_argument("--fsdp-args", action="append", help="extra accelerate launch options of one FSDP run; "
                    "repeat for several runs, e.g. --fsdp-args= --fsdp-args=--fsdp_backward_prefetch=BACKWARD_POST "
-                   "(default: one run with the config file as shipped)")
+                   "(default: one run with the config file as shipped); commas separate options within one run")
+    p.add_argument("--fsdp-config", type=Path, help="accelerate config for the FSDP runs (default: "
+                   "configs/accelerate_fsdp.yaml), e.g. benchmarks/configs/accelerate_fsdp2_candidate.yaml")
     p.add_argument("--skip-single", action="store_true", help="no 1-GPU run (ratios then stay empty)")
     p.add_argument("--cpu", action="store_true", help="tiny model, CPU processes (tests the plumbing only)")
     p.add_argument("--json", type=Path)

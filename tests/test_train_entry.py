@@ -195,6 +195,31 @@ def test_fsdp_config_keys_are_accelerates_and_reach_the_workers():
         "FSDP_SYNC_MODULE_STATES": "true", "FSDP_ACTIVATION_CHECKPOINTING": "false"}
 
 
+def test_fsdp2_candidate_config_is_read_as_fsdp2_by_accelerate():
+    """The benchmark candidate (benchmarks/configs): every key accelerate's, and the workers get FSDP2 settings."""
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    path = REPO / "benchmarks" / "configs" / "accelerate_fsdp2_candidate.yaml"
+    known = {a.dest for a in launch_command_parser()._actions}
+    assert set(yaml.safe_load(path.read_text())["fsdp_config"]) <= known
+    args, env = launch_env(path)
+    assert args.use_fsdp and env["FSDP_VERSION"] == "2" and env["FSDP_RESHARD_AFTER_FORWARD"] == "true"
+    os_env = {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))}
+    old = {k: os.environ.get(k) for k in os_env}
+    os.environ.update(os_env)
+    try:  # the plugin the Trainer will build from that environment: FSDP2, resharding, no FSDP1-only options
+        plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+        assert plugin.forward_prefetch is None and plugin.use_orig_params is None
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def test_fsdp_wrap_class_is_the_models_decoder_layer(tiny_original, monkeypatch):
     """The class name must exist in the model, and peft's wrap policy (which Trainer uses for LoRA) must find it."""
     from accelerate.utils.dataclasses import get_module_class_from_name
