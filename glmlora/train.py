@@ -231,22 +231,22 @@ class RunResult:
         return (self.global_step - self.start_step) * self.tokens_per_step / max(self.seconds, 1e-9)
 
     @property
-    def steady_tokens_per_second(self) -> float:
+    def steady_tokens_per_second(self) -> float | None:
         """Between the end of step ``WARMUP_STEPS`` and the last step, not counting evaluation and checkpoint
-        saving in between: the speed to compare across GPU counts. The overall figure when too few steps ran."""
+        saving in between: the speed to compare across GPU counts. None when too few steps ran."""
         times = self.step_times[WARMUP_STEPS:]
         seconds = (times[-1] - times[0] - self.pause_seconds) if len(times) > 1 else 0.0
-        if seconds <= 0:
-            return self.tokens_per_second
-        return (len(times) - 1) * self.tokens_per_step / seconds
+        return (len(times) - 1) * self.tokens_per_step / seconds if seconds > 0 else None
 
     def summary(self) -> str:
         loss = (f"loss {self.losses[0][1]:.3f} -> {self.losses[-1][1]:.3f}" if self.losses else "no loss logged")
         resumed = f", resumed at step {self.start_step}" if self.resumed_from else ""
         ranks = "rank 0" if self.world_size == 1 else f"largest of {self.world_size} ranks"
+        steady = self.steady_tokens_per_second
+        speed = (f"{steady:,.0f} tokens/s after warm-up ({self.tokens_per_second:,.0f} overall; " if steady else
+                 f"{self.tokens_per_second:,.0f} tokens/s overall (too few steps to leave out the warm-up; ")
         return (f"SUMMARY train: profile {self.profile}, {self.global_step} steps{resumed}, {loss}, "
-                f"world size {self.world_size}, {self.steady_tokens_per_second:,.0f} tokens/s after warm-up "
-                f"({self.tokens_per_second:,.0f} overall; {self.tokens_per_step:,} tokens per step), peak memory "
+                f"world size {self.world_size}, {speed}{self.tokens_per_step:,} tokens per step), peak memory "
                 f"{self.peak_memory[1]:.2f} GiB ({self.peak_memory[0]}, {ranks}), {self.seconds:.1f} s, "
                 f"adapter in {self.adapter_dir}")
 
@@ -255,19 +255,24 @@ class RunResult:
 WARMUP_STEPS = 3
 _SUMMARY = re.compile(r"SUMMARY train: profile (?P<profile>\S+), (?P<steps>\d+) steps.*?, "
                       r"(?:loss (?P<first_loss>[\d.]+) -> (?P<last_loss>[\d.]+)|no loss logged), "
-                      r"world size (?P<world_size>\d+), (?P<tokens_per_second>[\d,.]+) tokens/s after warm-up "
-                      r"\((?P<overall>[\d,.]+) overall.*?peak memory (?P<peak_gib>[\d.]+) GiB \((?P<memory>\w+)")
+                      r"world size (?P<world_size>\d+), (?:(?P<steady>[\d,.]+) tokens/s after warm-up \("
+                      r"(?P<overall>[\d,.]+) overall|(?P<only_overall>[\d,.]+) tokens/s overall)"
+                      r".*?peak memory (?P<peak_gib>[\d.]+) GiB \((?P<memory>\w+)")
 
 
 def parse_summary(text: str) -> dict[str, Any]:
-    """The numbers of the last ``SUMMARY train:`` line in ``text`` (a launcher's output), for scaling tables."""
+    """The numbers of the last ``SUMMARY train:`` line in ``text`` (a launcher's output), for scaling tables.
+
+    ``tokens_per_second`` is the after-warm-up speed, or the overall one (``steady`` False) for short runs."""
     found = list(_SUMMARY.finditer(text))
     if not found:
         raise ValueError("no 'SUMMARY train:' line in the output")
     m = found[-1]
     number = lambda key: float(m[key].replace(",", "")) if m[key] else None  # noqa: E731
+    overall = number("overall") or number("only_overall")
     return {"profile": m["profile"], "steps": int(m["steps"]), "world_size": int(m["world_size"]),
-            "tokens_per_second": number("tokens_per_second"), "overall_tokens_per_second": number("overall"),
+            "tokens_per_second": number("steady") or overall, "steady": m["steady"] is not None,
+            "overall_tokens_per_second": overall,
             "first_loss": number("first_loss"), "last_loss": number("last_loss"),
             "peak_gib": float(m["peak_gib"]), "memory": m["memory"]}
 

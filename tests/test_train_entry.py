@@ -156,7 +156,13 @@ def test_steady_speed_leaves_out_warm_up_evaluation_and_saving(monkeypatch):
     assert result.tokens_per_second == pytest.approx(8 * 1000 / 30)
     summary = parse_summary(result.summary())
     assert summary["tokens_per_second"] == 1000 and summary["overall_tokens_per_second"] == 267
-    assert summary["first_loss"] is None
+    assert summary["first_loss"] is None and summary["steady"]
+
+    short = RunResult("tiny", 4, 0, 1, [(1, 9.5), (4, 9.1)], 2.0, 1000, Path("a"), None, step_times=[1.0, 2, 3, 4])
+    assert short.steady_tokens_per_second is None  # one step after the warm-up: no interval to time
+    assert "2,000 tokens/s overall (too few steps to leave out the warm-up;" in short.summary()
+    parsed = parse_summary(short.summary())
+    assert (parsed["tokens_per_second"], parsed["steady"], parsed["last_loss"]) == (2000, False, 9.1)
 
 
 # ---------------------------------------------------------------------------------------------- accelerate configs
