@@ -88,11 +88,16 @@ def timed_generate(model, ids, full_warmup: bool = False, fresh=None, **kw) -> t
     return ttft, (new - 1) / (total - ttft), new
 
 
+def decode_exactly(model, ids, new: int, context: int, **kw) -> torch.Tensor:
+    """glmlora's decode loop with no stop ids, so that it always makes ``new`` tokens."""
+    return decode(model, static_cache(model, context), ids, torch.ones_like(ids), max_new_tokens=new,
+                  stop_ids=[], pad_id=0, **kw)
+
+
 def timed_decode(model, ids, context: int = 1024, **kw) -> tuple[float, float, int]:
     """Like :func:`timed_generate` for glmlora's decode loop (no stop ids: always 256 new tokens) on a static
     cache of ``context`` tokens."""
-    run = lambda n: decode(model, static_cache(model, context), ids, torch.ones_like(ids), max_new_tokens=n,  # noqa: E731
-                           stop_ids=[], pad_id=0, **kw)
+    run = lambda n: decode_exactly(model, ids, n, context, **kw)  # noqa: E731
     for _ in range(2):  # compilation and CUDA-graph capture
         run(NEW)
     sync()
@@ -112,8 +117,7 @@ def profile_decode(model, ids, tokens: int = 64, **kw) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    run = lambda: decode(model, static_cache(model, 1024), ids, torch.ones_like(ids), max_new_tokens=tokens,  # noqa: E731
-                         stop_ids=[], pad_id=0, **kw)
+    run = lambda: decode_exactly(model, ids, tokens, 1024, **kw)  # noqa: E731
     run()
     sync()
     with profile(activities=activities) as prof:

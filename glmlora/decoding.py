@@ -72,7 +72,9 @@ def decode_steps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask
     including its stop id, then nothing more), and it returns all new ids ``(batch, n)``.
 
     Rows stop at their first stop id (later places hold ``pad_id``); the loop ends when all rows have stopped,
-    noticed at most ``check_every`` tokens late. A generator rather than a background thread: with torch up to
+    noticed at most ``check_every`` tokens late; each look waits for the GPU (5 % of the speed at 8 rather than 32
+    on an H200, BENCHMARKS.md), so streaming looks every 8 and everything else every 32. A generator rather than a
+    background thread: with torch up to
     2.12, a CUDA graph that ``torch.compile`` captured fails when replayed from another Python thread
     (pytorch#123177), so streaming has to happen in the caller's thread. ``compile`` defaults to "on CUDA";
     a string picks another ``torch.compile`` mode (benchmarks try "max-autotune").
@@ -135,25 +137,13 @@ def _first_row(out: torch.Tensor, shown: int, n: int, stop_ids: list[int]) -> tu
     return (chunk, n) if stop is None else (chunk[:stop + 1], -1)
 
 
-def decode(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-           streamer: Any = None, check_every: int | None = None, **settings: Any) -> torch.Tensor:
-    """New ids ``(batch, n)`` for left-padded prompts, written into an emptied static ``cache``
-    (:func:`decode_steps` run to its end; ``settings``: its keyword arguments).
-
-    ``streamer`` (a transformers streamer, batch 1) gets the prompt, the new ids in chunks up to the stop, then
-    ``end()``, as from ``generate`` — in this thread. ``check_every`` defaults to 8 tokens when streaming
-    (smooth text) and 32 otherwise: each look waits for the GPU (5 % of the speed at 8 on an H200, BENCHMARKS.md).
-    """
-    steps = decode_steps(model, cache, input_ids, attention_mask,
-                         check_every=check_every or (8 if streamer is not None else 32), **settings)
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
+def decode(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           **settings: Any) -> torch.Tensor:
+    """New ids ``(batch, n)`` for left-padded prompts, written into an emptied static ``cache``:
+    :func:`decode_steps` (``settings``: its keyword arguments) run to its end."""
+    steps = decode_steps(model, cache, input_ids, attention_mask, **settings)
     while True:
         try:
-            chunk = next(steps)
+            next(steps)
         except StopIteration as done:
-            if streamer is not None:
-                streamer.end()
             return done.value
-        if streamer is not None and chunk:
-            streamer.put(torch.tensor(chunk))

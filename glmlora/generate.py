@@ -114,8 +114,10 @@ def _generate_kwargs(tokenizer: ChatGLM3Tokenizer, settings: GenerationSettings)
     return {"eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_token_id, **settings.kwargs()}
 
 
-def _use_fast_path(model: Any, fast: bool | None) -> bool:
-    return bool(fast) if fast is not None else model.device.type == "cuda"
+def _use_fast_path(model: Any, fast: bool | None, settings: GenerationSettings) -> bool:
+    """``fast`` (default: on CUDA) unless the settings need ``generate`` (the loop applies no repetition penalty)."""
+    fast = bool(fast) if fast is not None else model.device.type == "cuda"
+    return fast and settings.repetition_penalty == 1.0
 
 
 def _loop_settings(tokenizer: ChatGLM3Tokenizer, settings: GenerationSettings) -> dict[str, Any]:
@@ -127,10 +129,10 @@ def _loop_settings(tokenizer: ChatGLM3Tokenizer, settings: GenerationSettings) -
 def _new_ids(model: Any, tokenizer: ChatGLM3Tokenizer, ids: torch.Tensor, mask: torch.Tensor,
              settings: GenerationSettings, context: int | None, streamer: Any = None) -> torch.Tensor:
     """Generated ids ``(batch, n)`` after the prompt: :func:`glmlora.decoding.decode` on a static cache of
-    ``context`` tokens when one is given (the fast path), else transformers' ``generate`` (dynamic cache; also
-    for a ``repetition_penalty``, which the fast loop does not apply)."""
-    if context is not None and settings.repetition_penalty == 1.0:
-        return decode(model, static_cache(model, context, ids.shape[0]), ids, mask, streamer=streamer,
+    ``context`` tokens when one is given (the fast path), else transformers' ``generate`` with a dynamic cache
+    (and ``streamer``, if any)."""
+    if context is not None:
+        return decode(model, static_cache(model, context, ids.shape[0]), ids, mask,
                       **_loop_settings(tokenizer, settings))
     out = model.generate(ids, attention_mask=mask, streamer=streamer, **_generate_kwargs(tokenizer, settings))
     return out[:, ids.shape[1]:]
@@ -151,7 +153,7 @@ def chat(model: Any, tokenizer: ChatGLM3Tokenizer, query: str, history: Messages
     """One reply and the updated history (system, user and assistant messages)."""
     settings = settings or GenerationSettings()
     messages = conversation(query, history, system)
-    fast = _use_fast_path(model, fast)
+    fast = _use_fast_path(model, fast, settings)
     context = _context(model, max_context, fast)
     ids = _prompt(tokenizer, messages, model, settings, context)
     new = _new_ids(model, tokenizer, ids, torch.ones_like(ids), settings, context if fast else None)
@@ -176,10 +178,10 @@ def stream_chat(model: Any, tokenizer: ChatGLM3Tokenizer, query: str, history: M
     replayed from another thread); ``generate`` runs in a background thread with a ``TextIteratorStreamer``.
     """
     settings = settings or GenerationSettings()
-    fast = _use_fast_path(model, fast)
+    fast = _use_fast_path(model, fast, settings)
     context = _context(model, max_context, fast)
     ids = _prompt(tokenizer, conversation(query, history, system), model, settings, context)
-    if fast and settings.repetition_penalty == 1.0:
+    if fast:
         steps = decode_steps(model, static_cache(model, context), ids, torch.ones_like(ids), check_every=8,
                              **_loop_settings(tokenizer, settings))
         yield from _reply_pieces(_texts(tokenizer, steps))
@@ -195,13 +197,19 @@ def stream_chat(model: Any, tokenizer: ChatGLM3Tokenizer, query: str, history: M
         raise kwargs["error"]
 
 
+def _settled(tokenizer: Any, ids: list[int], **decode_kwargs: Any) -> str | None:
+    """The text of ``ids``, or None while it ends in half a UTF-8 character (more bytes are on their way)."""
+    text = tokenizer.decode(ids, **decode_kwargs)
+    return None if text.endswith("\ufffd") else text
+
+
 def _texts(tokenizer: ChatGLM3Tokenizer, chunks: Iterator[list[int]]) -> Iterator[str]:
     """The text so far after each chunk of new ids (stop ids decode to nothing); never half a character."""
     ids: list[int] = []
     for chunk in chunks:
         ids += chunk
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
+        text = _settled(tokenizer, ids, skip_special_tokens=True)
+        if text is not None:
             yield text
     yield tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -234,8 +242,8 @@ class ReplyStreamer(TextIteratorStreamer):
             self.next_tokens_are_prompt = False
             return
         self.token_cache.extend(value.tolist())
-        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
-        if not text.endswith("\ufffd") and len(text) > self.print_len:
+        text = _settled(self.tokenizer, self.token_cache, **self.decode_kwargs)
+        if text is not None and len(text) > self.print_len:
             self.on_finalized_text(text[self.print_len:])
             self.print_len = len(text)
 
@@ -277,7 +285,7 @@ def generate_batch(model: Any, tokenizer: ChatGLM3Tokenizer, conversations: Sequ
     prompts = [tokenizer.build_conversation(c, add_generation_prompt=True) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
-    fast = _use_fast_path(model, fast)
+    fast = _use_fast_path(model, fast, settings)
     context = None
     if fast and prompts:
         batch_size = min(batch_size, len(prompts))

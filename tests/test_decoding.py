@@ -1,4 +1,4 @@
-"""The sync-free decode loop: same ids as transformers' generate, same sampling filters, streaming, limits."""
+"""The sync-free decode loop: same ids as transformers' generate, same sampling filters, chunks, limits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from transformers import StaticCache
 from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from glmlora.decoding import decode, filtered_logits, sample_next
+from glmlora.decoding import decode, decode_steps, filtered_logits, sample_next
 
 T = torch.tensor
 
@@ -87,26 +87,22 @@ def test_sampling_is_seeded_and_settings_matter(memorised):
     assert nearly_greedy.tolist() == _decode(model, tok, enc, new=12).tolist()
 
 
-class _Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def put(self, value):
-        self.calls.append(value.tolist())
-
-    def end(self):
-        self.calls.append("end")
-
-
-def test_streamer_gets_prompt_then_chunks_up_to_the_stop(memorised):
+def test_steps_yield_the_first_rows_ids_in_chunks_up_to_the_stop(memorised):
     model, tok, records, *_ = memorised
     enc = _prompts(tok, [records[0]["input"]])
-    rec = _Recorder()
-    ids = _decode(model, tok, enc, new=200, streamer=rec, check_every=4)[0].tolist()
-    assert rec.calls[0] == enc["input_ids"].tolist() and rec.calls[-1] == "end"
-    streamed = [t for chunk in rec.calls[1:-1] for t in chunk]
+    cache = StaticCache(config=model.config, max_cache_len=256)
+    steps = decode_steps(model, cache, enc["input_ids"], enc["attention_mask"], max_new_tokens=200,
+                         stop_ids=tok.stop_ids, pad_id=tok.pad_token_id, check_every=4, compile=False)
+    chunks = []
+    while True:
+        try:
+            chunks.append(next(steps))
+        except StopIteration as done:
+            ids = done.value[0].tolist()
+            break
+    streamed = [t for chunk in chunks for t in chunk]
     assert streamed == _until_stop(ids, tok.stop_ids) and streamed[-1] in tok.stop_ids
-    assert all(len(chunk) <= 4 for chunk in rec.calls[1:-1]) and len(rec.calls) > 3
+    assert all(len(chunk) <= 4 for chunk in chunks) and len(chunks) > 2
 
 
 def test_prompt_and_new_tokens_must_fit_the_cache(memorised):

@@ -104,6 +104,11 @@ def setup_fonts() -> bool:
 
 # ----------------------------------------------------------------------------------------------- helpers
 
+def heading(ax, x: float, y: float, text: str, ha: str = "left") -> None:
+    """A figure's title line."""
+    ax.text(x, y, text, ha=ha, va="center", fontsize=14, fontweight="bold", color=INK)
+
+
 def canvas(width_in: float, height_in: float):
     """A figure whose single axes is measured in inches from the bottom-left corner."""
     fig = plt.figure(figsize=(width_in, height_in), dpi=DPI)
@@ -144,8 +149,7 @@ def badge(ax, x, y, text, color, r=0.17):
 def fig_data_flow(cjk: bool) -> Path:
     W, H = 10.7, 5.9
     fig, ax = canvas(W, H)
-    ax.text(0.25, H - 0.33, "The glmlora pipeline: from the ModelScope download to a chatting counselor",
-            fontsize=14, fontweight="bold", color=INK, va="center")
+    heading(ax, 0.25, H - 0.33, "The glmlora pipeline: from the ModelScope download to a chatting counselor")
 
     def node(x, y, w, h, title, body, nb, kind):
         fill, edge, ink = {
@@ -269,8 +273,7 @@ def fig_label_mask(cjk: bool) -> Path:
     is_target = targets_of(tokens)
     W, H = 10.6, 7.4
     fig, ax = canvas(W, H)
-    ax.text(0.3, H - 0.35, "Which tokens does the model learn?  input_ids and labels of one conversation",
-            fontsize=14, fontweight="bold", color=INK, va="center")
+    heading(ax, 0.3, H - 0.35, "Which tokens does the model learn?  input_ids and labels of one conversation")
     rbox(ax, 0.3, H - 1.12, W - 0.6, 0.42, "#F3F8F3", GREEN_EDGE, lw=1.2)
     ax.text(W / 2, H - 0.91, "Rule: a token is a target when the PREVIOUS token belongs to an assistant message",
             ha="center", va="center", fontsize=12, fontweight="bold", color=GREEN_INK)
@@ -378,8 +381,7 @@ def fig_label_mask(cjk: bool) -> Path:
 def fig_original_vs_fixed(cjk: bool) -> Path:
     W, H = 10.6, 8.25
     fig, ax = canvas(W, H)
-    ax.text(W / 2, H - 0.32, "Two pitfalls of the original tutorial, and what glmlora does instead",
-            ha="center", va="center", fontsize=14, fontweight="bold", color=INK)
+    heading(ax, W / 2, H - 0.32, "Two pitfalls of the original tutorial, and what glmlora does instead", "center")
     colx = [0.3, W / 2 + 0.15]
     colw = W / 2 - 0.45
     for x, title, fill, edge, ink in ((colx[0], "original tutorial", ORANGE_FILL, ORANGE_EDGE, ORANGE_INK),
@@ -488,8 +490,7 @@ def fig_original_vs_fixed(cjk: bool) -> Path:
 def fig_lora(cjk: bool) -> Path:
     W, H = 10.6, 7.45
     fig, ax = canvas(W, H)
-    ax.text(W / 2, H - 0.35, "LoRA: keep W frozen, learn a small low-rank update",
-            ha="center", va="center", fontsize=14, fontweight="bold", color=INK)
+    heading(ax, W / 2, H - 0.35, "LoRA: keep W frozen, learn a small low-rank update", "center")
     ax.text(W / 2, H - 0.82, "h  =  W x  +  (α / r) · B A x", ha="center", va="center", fontsize=15,
             family=MONO, color=INK)
     slate, slate_ink = "#5F6B7A", "#37474F"
