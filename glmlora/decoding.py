@@ -16,6 +16,8 @@ from typing import Any, Callable, Generator
 
 import torch
 
+from glmlora.attention import use_grouped_decode
+
 
 def filtered_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
                     top_k: int) -> torch.Tensor:
@@ -48,13 +50,15 @@ def _step(model: Any, cache: Any, tokens: torch.Tensor, positions: torch.Tensor,
     return sample_next(logits, noise, temperature, top_p, top_k)
 
 
-def compiled_step(model: Any, mode: str = "reduce-overhead") -> Callable[..., torch.Tensor]:
-    """The model's decode step compiled once with ``torch.compile`` (``mode`` "reduce-overhead": CUDA graphs),
-    kept on the model, one per mode."""
+def compiled_step(model: Any, how: str | dict = "reduce-overhead") -> Callable[..., torch.Tensor]:
+    """The model's decode step compiled once with ``torch.compile`` and kept on the model, one per ``how``: a
+    mode ("reduce-overhead": CUDA graphs) or a dict of inductor options (benchmarks try autotuning)."""
     steps = model.__dict__.setdefault("_glmlora_decode_steps", {})
-    if mode not in steps:
-        steps[mode] = torch.compile(lambda *args: _step(model, *args), mode=mode)
-    return steps[mode]
+    key = how if isinstance(how, str) else repr(sorted(how.items()))
+    if key not in steps:
+        fn = lambda *args: _step(model, *args)  # noqa: E731
+        steps[key] = (torch.compile(fn, mode=how) if isinstance(how, str) else torch.compile(fn, options=how))
+    return steps[key]
 
 
 def will_compile(model: Any) -> bool:
@@ -67,7 +71,8 @@ def will_compile(model: Any) -> bool:
 def decode_steps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                  max_new_tokens: int, stop_ids: list[int], pad_id: int, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, check_every: int = 32,
-                 compile: bool | str | None = None) -> Generator[list[int], None, torch.Tensor]:
+                 compile: bool | str | dict | None = None,
+                 grouped_attention: bool = True) -> Generator[list[int], None, torch.Tensor]:
     """The decode loop as a generator: every ``check_every`` tokens it yields row 0's newest ids (up to and
     including its stop id, then nothing more), and it returns all new ids ``(batch, n)``.
 
@@ -77,7 +82,9 @@ def decode_steps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask
     background thread: with torch up to
     2.12, a CUDA graph that ``torch.compile`` captured fails when replayed from another Python thread
     (pytorch#123177), so streaming has to happen in the caller's thread. ``compile`` defaults to "on CUDA";
-    a string picks another ``torch.compile`` mode (benchmarks try "max-autotune").
+    a string or dict picks another ``torch.compile`` mode or inductor options (benchmarks try autotuning).
+    ``grouped_attention`` switches an SDPA model to :mod:`glmlora.attention`'s one-token attention (same
+    results, no k/v head copies over the whole cache; False only for benchmarks that measure the difference).
     """
     batch, length = input_ids.shape
     context = cache.get_max_length()
@@ -85,9 +92,11 @@ def decode_steps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask
         raise ValueError(f"prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) exceed the static cache "
                          f"of {context} tokens")
     device = input_ids.device
+    if grouped_attention:
+        use_grouped_decode(model)
     compile = device.type == "cuda" if compile is None else compile
     if compile:
-        step = compiled_step(model, compile if isinstance(compile, str) else "reduce-overhead")
+        step = compiled_step(model, "reduce-overhead" if compile is True else compile)
     else:
         step = lambda *args: _step(model, *args)  # noqa: E731
     mask = torch.zeros(batch, context, dtype=torch.long, device=device)
