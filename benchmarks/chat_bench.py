@@ -7,14 +7,15 @@ since random weights stop anywhere). Prints decode tokens/s, time to first token
 (weight bytes / device-to-device copy bandwidth measured here) and batched generation for evaluation use.
 
   a  the original loop: PeftModel *unmerged* on fp16 weights, generate(max_length=prompt + 256)
-  b  glmlora: LoRA merged into bf16 weights, static KV cache, glmlora.decoding's loop (model step and sampling
-     in one compiled CUDA graph, the host looks at the tokens every 32) - what chat() runs on CUDA
-  diagnostics in the same run: b with a dynamic cache; transformers' generate on the same static cache with its
-  own compiled step ("b_hf_static", glmlora's previous fast path); b checking every 8 tokens (as when streaming)
-  b_context_4096: b on the 4,096-token cache that chat() keeps (b uses 1,024)
-  --extra autotune,flex: b compiled with mode "max-autotune" (inductor benchmarks its own matmul kernels against
-  cuBLAS for each shape; long compile), and b with flex attention on the 4,096-token cache (grouped k/v heads
-  without copies, empty cache blocks skipped) - candidates for closing the gap to the bound
+  b  glmlora: LoRA merged into bf16 weights, the 4,096-token static KV cache that chat() keeps, glmlora.decoding's
+     loop (model step and sampling in one compiled CUDA graph, the host looks at the tokens every 32) with
+     glmlora.attention's one-token attention (no copies of the 2 k/v heads) - what chat() runs on CUDA
+  diagnostics in the same run (--variants picks; default all): b_context_1024 (a 1,024-token cache);
+  b_check_every_8 (as when streaming); b_sdpa / b_sdpa_1024 (transformers' SDPA attention, which copies the
+  k/v heads out to 32 over the whole cache every layer); b_dynamic_cache (transformers' generate, dynamic
+  cache); b_hf_static (transformers' generate on a static cache with its own compiled step)
+  --extra autotune,flex: b compiled with mode "max-autotune" plus coordinate-descent tuning (inductor benchmarks
+  its own kernels against cuBLAS for each shape; long compile), and b with flex attention
 """
 
 from __future__ import annotations
@@ -39,9 +40,17 @@ from glmlora.lora import lora_config  # noqa: E402
 from glmlora.tiny import build_full_random, build_tiny  # noqa: E402
 
 NEW = 256
-#: Opt-in decode variants: (result name, torch.compile mode, attention implementation, cache tokens).
-EXTRA = {"autotune": ("b_max_autotune", "max-autotune", "sdpa", 1024),
-         "flex": ("b_flex_4096", "reduce-overhead", "flex_attention", 4096)}
+CONTEXT = 4096  # = glmlora.generate.FAST_CONTEXT, the cache chat() keeps
+#: Decode variants of the loop: name -> (keyword arguments of decode, attention, cache tokens).
+VARIANTS = {"b_sdpa": ({"grouped_attention": False}, "sdpa", CONTEXT),
+            "b_sdpa_1024": ({"grouped_attention": False}, "sdpa", 1024),
+            "b": ({}, "sdpa", CONTEXT),
+            "b_check_every_8": ({"check_every": 8}, "sdpa", CONTEXT),
+            "b_context_1024": ({}, "sdpa", 1024)}
+#: Opt-in variants (--extra): name -> (keyword arguments of decode, attention, cache tokens).
+AUTOTUNE = {"compile": {"max_autotune": True, "triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+EXTRA = {"autotune": ("b_max_autotune", AUTOTUNE, "sdpa", CONTEXT),
+         "flex": ("b_flex", {"grouped_attention": False}, "flex_attention", CONTEXT)}
 
 
 def copy_bandwidth(gib: int = 4) -> float:
@@ -94,7 +103,7 @@ def decode_exactly(model, ids, new: int, context: int, **kw) -> torch.Tensor:
                   stop_ids=[], pad_id=0, **kw)
 
 
-def timed_decode(model, ids, context: int = 1024, **kw) -> tuple[float, float, int]:
+def timed_decode(model, ids, context: int = CONTEXT, **kw) -> tuple[float, float, int]:
     """Like :func:`timed_generate` for glmlora's decode loop (no stop ids: always 256 new tokens) on a static
     cache of ``context`` tokens."""
     run = lambda n: decode_exactly(model, ids, n, context, **kw)  # noqa: E731
@@ -111,13 +120,13 @@ def timed_decode(model, ids, context: int = 1024, **kw) -> tuple[float, float, i
     return ttft, (new - 1) / (time.perf_counter() - t0 - ttft), new
 
 
-def profile_decode(model, ids, tokens: int = 64, **kw) -> dict:
+def profile_decode(model, ids, tokens: int = 64, context: int = CONTEXT, **kw) -> dict:
     """Where a token's time goes on the (already compiled) fast path: wall time vs GPU busy time per token and the
     kernels that take it (torch.profiler; CUDA-graph replays included)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    run = lambda: decode_exactly(model, ids, tokens, 1024, **kw)  # noqa: E731
+    run = lambda: decode_exactly(model, ids, tokens, context, **kw)  # noqa: E731
     run()
     sync()
     with profile(activities=activities) as prof:
@@ -166,7 +175,10 @@ def main() -> int:
     p.add_argument("--size", choices=["full", "tiny"], default="full")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--batches", default="8,32")
-    p.add_argument("--profile", action="store_true", help="profile 64 tokens of b (kernel table per token)")
+    p.add_argument("--variants", default="", help="decode variants to run, comma-separated (default: all of "
+                   + ", ".join(VARIANTS) + ")")
+    p.add_argument("--no-hf-static", action="store_true", help="skip b_hf_static (transformers' compiled generate)")
+    p.add_argument("--profile", action="store_true", help="profile 64 tokens of b and b_sdpa (kernels per token)")
     p.add_argument("--extra", default="", help="extra decode variants (comma-separated): autotune, flex")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -203,43 +215,38 @@ def main() -> int:
     results["b_dynamic_cache"] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new}
     print("b with a dynamic cache (diagnostic)", results["b_dynamic_cache"], flush=True)
     loop = dict(do_sample=True, temperature=0.8, top_p=0.8, top_k=50)  # glmlora's loop: compiled on CUDA
-    # b_context_4096: the cache size chat() uses (FAST_CONTEXT). With a mask, transformers' SDPA path copies the
-    # 2 k/v heads out to 32 over the whole cache (repeat_kv) in every layer, so the cache size costs traffic.
-    for name, extra in [("b", {}), ("b_check_every_8", {"check_every": 8}), ("b_context_4096", {"context": 4096})]:
+    wanted = [v for v in args.variants.split(",") if v] if args.variants else list(VARIANTS)
+    extras = [EXTRA[x] for x in args.extra.split(",") if x]
+    attention_now = None
+    for name, extra, attention, context in [(v, *VARIANTS[v]) for v in wanted] + extras:
+        if attention != attention_now or name in {e[0] for e in extras}:  # a fresh compile
+            torch._dynamo.reset()
+            merged.__dict__.pop("_glmlora_decode_steps", None)
+            merged.set_attn_implementation(attention)
+            attention_now = attention
         try:
             t0 = time.perf_counter()
-            ttft, tps, new = timed_decode(merged, ids, **loop, **extra)
-            results[name] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new,
+            ttft, tps, new = timed_decode(merged, ids, context=context, **loop, **extra)
+            results[name] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new, "context": context,
+                             "attention": merged.config._attn_implementation,
                              "warmup_and_compile_s": time.perf_counter() - t0,
                              "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
                              "graph_breaks": sum(counters["graph_break"].values())}
         except Exception as e:  # record why the fast path failed
             results[f"{name}_error"] = f"{type(e).__name__}: {e}"[:800]
         print(name, results.get(name, results.get(f"{name}_error")), flush=True)
-    if args.profile and "b" in results:
-        results["profile"] = prof = profile_decode(merged, ids, **loop)
-        print(f"profile of b: {prof['wall_ms_per_token']:.2f} ms per token, GPU busy {prof['gpu_busy_ms_per_token']:.2f} ms "
-              f"in {prof['kernel_calls_per_token']:.0f} kernel calls", flush=True)
-        for row in prof["top"]:
-            print(f"  {row['us_per_token']:8.1f} us/token  {row['calls_per_token']:6.1f} calls/token  {row['kernel']}")
-    for extra in filter(None, args.extra.split(",")):
-        name, mode, attention, context = EXTRA[extra]
-        torch._dynamo.reset()
-        merged.__dict__.pop("_glmlora_decode_steps", None)
-        try:
-            merged.set_attn_implementation(attention)
-            t0 = time.perf_counter()
-            ttft, tps, new = timed_decode(merged, ids, context=context, **loop, compile=mode)
-            results[name] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new,
-                             "warmup_and_compile_s": time.perf_counter() - t0}
-        except Exception as e:
-            results[f"{name}_error"] = f"{type(e).__name__}: {e}"[:800]
-        finally:
-            merged.set_attn_implementation("sdpa")
-        print(name, results.get(name, results.get(f"{name}_error")), flush=True)
-        torch._dynamo.reset()
-        merged.__dict__.pop("_glmlora_decode_steps", None)
-    if device == "cuda":
+        if args.profile and name in ("b", "b_sdpa") and name in results:
+            results[f"profile_{name}"] = prof = profile_decode(merged, ids, context=context, **loop, **extra)
+            print(f"profile of {name}: {prof['wall_ms_per_token']:.2f} ms per token, GPU busy "
+                  f"{prof['gpu_busy_ms_per_token']:.2f} ms in {prof['kernel_calls_per_token']:.0f} kernel calls",
+                  flush=True)
+            for row in prof["top"]:
+                print(f"  {row['us_per_token']:8.1f} us/token  {row['calls_per_token']:6.1f} calls/token  "
+                      f"{row['kernel']}")
+    torch._dynamo.reset()
+    merged.__dict__.pop("_glmlora_decode_steps", None)
+    merged.set_attn_implementation("sdpa")
+    if device == "cuda" and not args.no_hf_static:
         fresh = lambda: {"past_key_values": static_cache(merged, 1024)}  # noqa: E731
         try:
             with torch.inference_mode():
@@ -256,7 +263,7 @@ def main() -> int:
 
     # batched generation for evaluation (greedy, left-padded, 128 new tokens)
     convs = [[{"role": "user", "content": tok.decode(ids[0, 2 + i: 200 + 7 * i].tolist())}] for i in range(32)]
-    for b in [int(x) for x in args.batches.split(",")]:
+    for b in [int(x) for x in args.batches.split(",") if x]:
         for fast in ([False, True] if device == "cuda" else [False]):
             name = f"batch{b}" + ("_static" if fast else "")
             greedy = GenerationSettings(do_sample=False, max_new_tokens=128)
@@ -275,12 +282,13 @@ def main() -> int:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n{card}; torch {torch.__version__}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
           f"{bw / 1e12:.2f} TB/s; bound {bound:.0f} tokens/s")
-    print("| variant | decode tok/s | % of bound | TTFT ms (512-token prompt) |\n|---|---|---|---|")
-    for name in ("a", "b", "b_check_every_8", "b_context_4096", "b_max_autotune", "b_flex_4096", "b_hf_static", "b_dynamic_cache"):
+    print("| variant | cache | decode tok/s | % of bound | TTFT ms (512-token prompt) |\n|---|---|---|---|---|")
+    for name in ("a", *VARIANTS, *(e[0] for e in EXTRA.values()), "b_hf_static", "b_dynamic_cache"):
         if name not in results:
             continue
         r = results[name]
-        print(f"| {name} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / bound:.0%} | {r['ttft_ms']:.1f} |")
+        print(f"| {name} | {r.get('context', '-')} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / bound:.0%} "
+              f"| {r['ttft_ms']:.1f} |")
     print(f"speed-up b/a: {results['b']['decode_tok_s'] / results['a']['decode_tok_s']:.1f}x")
     if args.json:
         args.json.write_text(json.dumps({"card": card, "torch": torch.__version__, "bandwidth": bw,

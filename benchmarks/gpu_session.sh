@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # GPU-machine runs (full-size random-weight ChatGLM3-6B). Usage: bash benchmarks/gpu_session.sh STAGE...
+#   build      the model (original layout + converted), once; run it first when stages run side by side on
+#              different GPUs (CUDA_VISIBLE_DEVICES per stage), so that they do not build it at the same time
 #   train      benchmarks/train_bench.py (original recipe vs glmlora defaults)
 #   chat       benchmarks/chat_bench.py (decode speed, batched generation)
-#   scaling    benchmarks/multi_gpu_bench.py: 1 GPU vs DDP vs FSDP on ${GPUS:-2} GPUs (a machine with that many)
+#   scaling    benchmarks/multi_gpu_bench.py: 1 GPU vs DDP vs FSDP on ${GPUS:-2} GPUs (the first of
+#              CUDA_VISIBLE_DEVICES); results in $OUT/${SCALING_JSON:-multi_gpu_bench.json}
 #   notebooks  notebooks 04-07 (or $NOTEBOOKS) under nbval with GLMLORA_PROFILE=full-random, time and peak
 #              memory each; notebook 07's numbers (evaluation.json) come back in $OUT
 # Wheels the machine lacks travel in .whl/, extra benchmark data in .gpu/data/ (both git-ignored).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 GLMLORA_WORKDIR=/tmp/glmlora-work GLMLORA_MODEL_CACHE=/tmp/models
+export PYTHONUNBUFFERED=1 GLMLORA_WORKDIR=${GLMLORA_WORKDIR:-/tmp/glmlora-work} GLMLORA_MODEL_CACHE=/tmp/models
 MODEL=$GLMLORA_MODEL_CACHE/chatglm3-6b-random
 if [ ! -d /tmp/site ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -17,18 +20,21 @@ fi
 export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"
 DATA=$(ls .gpu/data/*.jsonl 2>/dev/null)
+GPU=${CUDA_VISIBLE_DEVICES:-0}; GPU=${GPU%%,*}  # notebooks: the GPU whose memory nvidia-smi reports
 for stage in "$@"; do
   case $stage in
+    build) GLMLORA_PROFILE=full-random python3 -c "from glmlora.pipeline import ensure_native_model as e; \
+from glmlora.profiles import select_profile as s; print('model:', e(s()))" 2>&1 | grep -v "it/s\]" ;;
     train) python3 benchmarks/train_bench.py --model "$MODEL" --data $DATA --variants "${VARIANTS:-a,e}" --json "$OUT/train_bench.json" 2>&1 | grep -v "it/s\]" ;;
     scaling)
       python3 -c "from glmlora.data import sample_data_path; print(sample_data_path())" | xargs cat $DATA > /tmp/scaling.jsonl
       python3 benchmarks/multi_gpu_bench.py --gpus "${GPUS:-2}" --steps "${STEPS:-40}" --data /tmp/scaling.jsonl \
-        --workdir /tmp/scaling --json "$OUT/multi_gpu_bench.json" ${SCALING_ARGS:-} 2>&1 | grep -v "it/s\]" ;;
-    chat) python3 benchmarks/chat_bench.py --model "$MODEL" --json "$OUT/chat_bench.json" ${CHAT_ARGS:-} 2>&1 | grep -v "it/s\]" ;;
+        --workdir "/tmp/scaling-${SCALING_JSON:-all}" --json "$OUT/${SCALING_JSON:-multi_gpu_bench.json}" ${SCALING_ARGS:-} 2>&1 | grep -v "it/s\]" ;;
+    chat) python3 benchmarks/chat_bench.py --model "$MODEL" --json "$OUT/${CHAT_JSON:-chat_bench.json}" ${CHAT_ARGS:-} 2>&1 | grep -v "it/s\]" ;;
     notebooks)
       python3 -m ipykernel install --prefix /tmp/kernel --name python3 >/dev/null && export JUPYTER_PATH=/tmp/kernel/share/jupyter
       for nb in ${NOTEBOOKS:-notebooks/0[4-7]*.ipynb}; do
-        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > /tmp/mem.log & SMI=$!
+        nvidia-smi -i "$GPU" --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > /tmp/mem.log & SMI=$!
         start=$(date +%s)
         (cd notebooks && GLMLORA_PROFILE=full-random python3 -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env "$(basename "$nb")" 2>&1 | tail -3)
         kill $SMI; peak=$(sort -n /tmp/mem.log | tail -1)

@@ -5,8 +5,8 @@
 
 Every run is `glmlora.train` with the same YAML except the launcher: `python -m` on one GPU, then
 `accelerate launch --config_file configs/accelerate_ddp.yaml` and `configs/accelerate_fsdp.yaml` with N processes.
-Each optimizer step sees the same rows in every run (the one-GPU run accumulates N micro-batches, the others take
-one row per card), so the losses after the same steps are comparable. Speed is the `SUMMARY train:` line's
+Each optimizer step sees the same rows in every run (``--rows``, by default the largest N: the one-GPU run
+accumulates that many micro-batches, N cards take rows/N each), so the losses after the same steps are comparable. Speed is the `SUMMARY train:` line's
 "after warm-up" figure (first 3 steps, evaluation and saving left out); peak memory is the largest rank's
 `torch.cuda.max_memory_allocated`. Profile: full-random (GLMLORA_MODEL_CACHE decides where it is built).
 """
@@ -59,13 +59,13 @@ def run_one(name: str, kind: str, n: int, args: argparse.Namespace, speed_ups: b
             port: int, launcher_args: str = "") -> dict:
     folder = args.workdir / name.replace(" ", "_").replace("=", "-")
     shutil.rmtree(folder, ignore_errors=True)
-    config = write_config(folder, args.profile, args.data, args.steps, args.max_gpus // n, speed_ups)
+    config = write_config(folder, args.profile, args.data, args.steps, args.rows // n, speed_ups)
     cmd = command(kind, n, config, args.cpu, port, launcher_args.replace(",", " ").split(), args.fsdp_config)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.cpu:
         env["OMP_NUM_THREADS"] = "1"
     else:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(args.devices[:n])
     print(f"\n== {name}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -104,6 +104,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", default="2", help="comma-separated process counts besides 1, e.g. 2 or 2,4")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps of every run")
+    p.add_argument("--rows", type=int, help="rows per optimizer step in every run (default: the largest --gpus); "
+                   "e.g. --gpus 2 --rows 4 makes its runs comparable with a --gpus 4 run's")
     p.add_argument("--data", type=Path, help="JSONL records to train on (default: the bundled data)")
     p.add_argument("--kinds", default="ddp,fsdp", help="which of ddp, fsdp to run with several processes")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("GLMLORA_WORKDIR", "work")) / "scaling")
@@ -118,6 +120,14 @@ def main() -> int:
     args = p.parse_args()
     counts = [int(x) for x in args.gpus.split(",")]
     args.max_gpus = max(counts)
+    args.rows = args.rows or args.max_gpus
+    if any(args.rows % n for n in counts):
+        p.error(f"--rows {args.rows} is not a multiple of every process count in --gpus {args.gpus}")
+    # the first N of the GPUs this process may use (CUDA_VISIBLE_DEVICES=2,3 leaves 0 and 1 to other work)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    args.devices = visible.split(",") if visible else [str(i) for i in range(args.max_gpus)]
+    if not args.cpu and len(args.devices) < args.max_gpus:
+        p.error(f"--gpus asks for {args.max_gpus} GPUs but CUDA_VISIBLE_DEVICES={visible} names {len(args.devices)}")
     args.profile = "tiny" if args.cpu else "full-random"
     kinds = ["ddp"] if args.cpu else args.kinds.split(",")
     rows: list[dict] = []
@@ -125,7 +135,8 @@ def main() -> int:
     def record(row: dict) -> None:  # after every run, so that a run cut short still leaves the others
         rows.append(row)
         if args.json:
-            args.json.write_text(json.dumps({"rows": rows, "table": table(rows), "steps": args.steps}, indent=2))
+            args.json.write_text(json.dumps({"rows": rows, "table": table(rows), "steps": args.steps,
+                                             "rows_per_step": args.rows}, indent=2))
 
     if not args.skip_single:
         record(run_one("1 GPU" if not args.cpu else "1 process", "ddp", 1, args, None, 29500))
