@@ -196,7 +196,7 @@ def test_fsdp_config_keys_are_accelerates_and_reach_the_workers():
                                 "FSDP_CPU_RAM_EFFICIENT_LOADING", "FSDP_SYNC_MODULE_STATES",
                                 "FSDP_ACTIVATION_CHECKPOINTING")} == {
         "FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "FULL_SHARD", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-        "FSDP_TRANSFORMER_CLS_TO_WRAP": "GlmDecoderLayer", "FSDP_USE_ORIG_PARAMS": "true",
+        "FSDP_TRANSFORMER_CLS_TO_WRAP": "GlmDecoderLayer,Embedding", "FSDP_USE_ORIG_PARAMS": "true",
         "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
         "FSDP_SYNC_MODULE_STATES": "true", "FSDP_ACTIVATION_CHECKPOINTING": "false"}
 
@@ -226,19 +226,25 @@ def test_fsdp2_candidate_config_is_read_as_fsdp2_by_accelerate():
                 os.environ[k] = v
 
 
-def test_fsdp_wrap_class_is_the_models_decoder_layer(tiny_original, monkeypatch):
-    """The class name must exist in the model, and peft's wrap policy (which Trainer uses for LoRA) must find it."""
-    from accelerate.utils.dataclasses import get_module_class_from_name
+def test_fsdp_units_are_decoder_layers_the_embedding_and_lora_layers(tiny_original, monkeypatch):
+    """The units the shipped FSDP file gives a LoRA model under Trainer (which installs peft's wrap policy, fed the
+    class names through the environment accelerate launch sets): every decoder layer, the input embedding and each
+    LoRA matrix on its own; the output layer and the final norm stay in the root unit."""
     from peft.utils.other import fsdp_auto_wrap_policy
 
     from glmlora.chatglm3 import ensure_native, load_model
     from glmlora.training import add_lora
 
+    _, env = launch_env(REPO / "configs" / "accelerate_fsdp.yaml")
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", env["FSDP_TRANSFORMER_CLS_TO_WRAP"])
     model = add_lora(load_model(ensure_native(tiny_original)), lora_config())
-    layer = get_module_class_from_name(model, "GlmDecoderLayer")
-    assert layer is not None and all(isinstance(m, layer) for m in model.get_base_model().model.layers)
-    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "GlmDecoderLayer")
-    assert callable(fsdp_auto_wrap_policy(model))
+    policy = fsdp_auto_wrap_policy(model)
+    units = {name for name, m in model.named_modules() if name and policy(module=m, recurse=False, nonwrapped_numel=0)}
+    layers = {f"base_model.model.model.layers.{i}" for i in range(model.config.num_hidden_layers)}
+    lora = {name.rsplit(".", 1)[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert len(lora) == 2 * len(layers) * len(lora_config().target_modules)  # A and B of every target
+    assert units == layers | {"base_model.model.model.embed_tokens"} | lora
+    assert not {"base_model.model.lm_head", "base_model.model.model.norm"} & units
 
 
 # ---------------------------------------------------------------------------------------------- real runs
