@@ -9,13 +9,16 @@ since random weights stop anywhere). Prints decode tokens/s, time to first token
   a  the original loop: PeftModel *unmerged* on fp16 weights, generate(max_length=prompt + 256)
   b  glmlora: LoRA merged into bf16 weights, the 4,096-token static KV cache that chat() keeps, glmlora.decoding's
      loop (model step and sampling in one compiled CUDA graph, the host looks at the tokens every 32) with
-     glmlora.attention's one-token attention (no copies of the 2 k/v heads) - what chat() runs on CUDA
+     glmlora.attention's one-token attention (no copies of the 2 k/v heads) and one q/k/v matrix product -
+     what chat() runs on CUDA
   diagnostics in the same run (--variants picks; default all): b_context_1024 (a 1,024-token cache);
   b_check_every_8 (as when streaming); b_sdpa / b_sdpa_1024 (transformers' SDPA attention, which copies the
-  k/v heads out to 32 over the whole cache every layer); b_dynamic_cache (transformers' generate, dynamic
+  k/v heads out to 32 over the whole cache every layer; q/k/v separate); b_unfused (b with q, k and v as three
+  products); b_dynamic_cache (transformers' generate, dynamic
   cache); b_hf_static (transformers' generate on a static cache with its own compiled step)
   --extra autotune,flex: b compiled with mode "max-autotune" plus coordinate-descent tuning (inductor benchmarks
   its own kernels against cuBLAS for each shape; long compile), and b with flex attention
+  --quick leaves out a, b_dynamic_cache (slow, unchanged by glmlora's loop) and the stream check in follow-up runs
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ from glmlora.tiny import build_full_random, build_tiny  # noqa: E402
 NEW = 256
 CONTEXT = 4096  # = glmlora.generate.FAST_CONTEXT, the cache chat() keeps
 #: Decode variants of the loop: name -> (keyword arguments of decode, attention, cache tokens).
-VARIANTS = {"b_sdpa": ({"grouped_attention": False}, "sdpa", CONTEXT),
-            "b_sdpa_1024": ({"grouped_attention": False}, "sdpa", 1024),
+#: The ones that leave the model's q/k/v unfused come first: fusing (b and after) is not undone.
+VARIANTS = {"b_sdpa": ({"grouped_attention": False, "fused_qkv": False}, "sdpa", CONTEXT),
+            "b_sdpa_1024": ({"grouped_attention": False, "fused_qkv": False}, "sdpa", 1024),
+            "b_unfused": ({"fused_qkv": False}, "sdpa", CONTEXT),
             "b": ({}, "sdpa", CONTEXT),
             "b_check_every_8": ({"check_every": 8}, "sdpa", CONTEXT),
             "b_context_1024": ({}, "sdpa", 1024)}
@@ -178,6 +183,8 @@ def main() -> int:
     p.add_argument("--variants", default="", help="decode variants to run, comma-separated (default: all of "
                    + ", ".join(VARIANTS) + ")")
     p.add_argument("--no-hf-static", action="store_true", help="skip b_hf_static (transformers' compiled generate)")
+    p.add_argument("--quick", action="store_true",
+                   help="skip a, b_dynamic_cache and the stream check (for follow-up runs)")
     p.add_argument("--profile", action="store_true", help="profile 64 tokens of b and b_sdpa (kernels per token)")
     p.add_argument("--extra", default="", help="extra decode variants (comma-separated): autotune, flex")
     p.add_argument("--json", type=Path)
@@ -199,31 +206,43 @@ def main() -> int:
     base = load_model(native, dtype=torch.float16, device_map=device)
     base.generation_config.max_new_tokens = None  # the original download's config has none: max_length rules
     model = random_adapter(base).eval()
-    with torch.inference_mode():
-        ttft, tps, new = timed_generate(model, ids, max_length=ids.shape[1] + NEW, min_new_tokens=NEW,
-                                        eos_token_id=tok.eos_token_id, pad_token_id=0, **sampling)
-    results["a"] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new}
-    print("a", results["a"], flush=True)
+    if not args.quick:
+        with torch.inference_mode():
+            ttft, tps, new = timed_generate(model, ids, max_length=ids.shape[1] + NEW, min_new_tokens=NEW,
+                                            eos_token_id=tok.eos_token_id, pad_token_id=0, **sampling)
+        results["a"] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new}
+        print("a", results["a"], flush=True)
     merged = model.merge_and_unload().to(torch.bfloat16).eval()
     del model
 
     # (b) glmlora's helper: merged weights, one static cache, compiled decode step (CUDA graphs)
     settings = GenerationSettings(max_new_tokens=NEW)
     dynamic = {**_generate_kwargs(tok, settings), "min_new_tokens": NEW}
-    with torch.inference_mode():
-        ttft, tps, new = timed_generate(merged, ids, **dynamic)
-    results["b_dynamic_cache"] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new}
-    print("b with a dynamic cache (diagnostic)", results["b_dynamic_cache"], flush=True)
+    if not args.quick:
+        with torch.inference_mode():
+            ttft, tps, new = timed_generate(merged, ids, **dynamic)
+        results["b_dynamic_cache"] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new}
+        print("b with a dynamic cache (diagnostic)", results["b_dynamic_cache"], flush=True)
+    if device == "cuda" and not args.no_hf_static:  # before glmlora's loop changes the model's attention
+        fresh = lambda: {"past_key_values": static_cache(merged, 1024)}  # noqa: E731
+        try:
+            with torch.inference_mode():
+                ttft, tps, new = timed_generate(merged, ids, full_warmup=True, fresh=fresh, **dynamic)
+            results["b_hf_static"] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new}
+        except Exception as e:
+            results["b_hf_static_error"] = f"{type(e).__name__}: {e}"[:800]
+        print("transformers generate on a static cache", results.get("b_hf_static"), flush=True)
     loop = dict(do_sample=True, temperature=0.8, top_p=0.8, top_k=50)  # glmlora's loop: compiled on CUDA
-    wanted = [v for v in args.variants.split(",") if v] if args.variants else list(VARIANTS)
+    wanted = [v for v in VARIANTS if v in args.variants.split(",")] if args.variants else list(VARIANTS)
     extras = [EXTRA[x] for x in args.extra.split(",") if x]
-    attention_now = None
+    setup_now = None
     for name, extra, attention, context in [(v, *VARIANTS[v]) for v in wanted] + extras:
-        if attention != attention_now or name in {e[0] for e in extras}:  # a fresh compile
+        setup = (attention, extra.get("grouped_attention", True), extra.get("fused_qkv", True))
+        if setup != setup_now or name in {e[0] for e in extras}:  # a fresh compile
             torch._dynamo.reset()
             merged.__dict__.pop("_glmlora_decode_steps", None)
             merged.set_attn_implementation(attention)
-            attention_now = attention
+            setup_now = setup
         try:
             t0 = time.perf_counter()
             ttft, tps, new = timed_decode(merged, ids, context=context, **loop, **extra)
@@ -246,18 +265,9 @@ def main() -> int:
     torch._dynamo.reset()
     merged.__dict__.pop("_glmlora_decode_steps", None)
     merged.set_attn_implementation("sdpa")
-    if device == "cuda" and not args.no_hf_static:
-        fresh = lambda: {"past_key_values": static_cache(merged, 1024)}  # noqa: E731
-        try:
-            with torch.inference_mode():
-                ttft, tps, new = timed_generate(merged, ids, full_warmup=True, fresh=fresh, **dynamic)
-            results["b_hf_static"] = {"ttft_ms": ttft * 1e3, "decode_tok_s": tps, "new_tokens": new}
-        except Exception as e:
-            results["b_hf_static_error"] = f"{type(e).__name__}: {e}"[:800]
-        print("transformers generate on a static cache", results.get("b_hf_static"), flush=True)
-    results.setdefault("b", results["b_dynamic_cache"])
-    print("b", results["b"], flush=True)
-    if device == "cuda":
+    if "b" in results:
+        print("b", results["b"], flush=True)
+    if device == "cuda" and not args.quick:
         results["stream_check"] = stream_check(merged, tok)
         print("stream check", results["stream_check"], flush=True)
 
@@ -289,7 +299,8 @@ def main() -> int:
         r = results[name]
         print(f"| {name} | {r.get('context', '-')} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / bound:.0%} "
               f"| {r['ttft_ms']:.1f} |")
-    print(f"speed-up b/a: {results['b']['decode_tok_s'] / results['a']['decode_tok_s']:.1f}x")
+    if "a" in results and "b" in results:
+        print(f"speed-up b/a: {results['b']['decode_tok_s'] / results['a']['decode_tok_s']:.1f}x")
     if args.json:
         args.json.write_text(json.dumps({"card": card, "torch": torch.__version__, "bandwidth": bw,
                                          "weight_bytes": weight_bytes, "bound": bound, **results}, indent=2))

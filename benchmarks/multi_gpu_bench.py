@@ -6,9 +6,10 @@
 Every run is `glmlora.train` with the same YAML except the launcher: `python -m` on one GPU, then
 `accelerate launch --config_file configs/accelerate_ddp.yaml` and `configs/accelerate_fsdp.yaml` with N processes.
 Each optimizer step sees the same rows in every run (``--rows``, by default the largest N: the one-GPU run
-accumulates that many micro-batches, N cards take rows/N each), so the losses after the same steps are comparable. Speed is the `SUMMARY train:` line's
-"after warm-up" figure (first 3 steps, evaluation and saving left out); peak memory is the largest rank's
-`torch.cuda.max_memory_allocated`. Profile: full-random (GLMLORA_MODEL_CACHE decides where it is built).
+accumulates that many micro-batches, N cards take rows/N each), so the losses after the same steps are
+comparable. Speed is the `SUMMARY train:` line's "after warm-up" figure (first 3 steps, evaluation and saving
+left out); peak memory is the largest rank's `torch.cuda.max_memory_allocated`. Profile: full-random
+(GLMLORA_MODEL_CACHE decides where it is built).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any, Callable, Generator
 
 import torch
 
-from glmlora.attention import use_grouped_decode
+from glmlora.attention import fuse_qkv, refresh_fused, use_grouped_decode
 
 
 def filtered_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -72,7 +72,7 @@ def decode_steps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask
                  max_new_tokens: int, stop_ids: list[int], pad_id: int, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, check_every: int = 32,
                  compile: bool | str | dict | None = None,
-                 grouped_attention: bool = True) -> Generator[list[int], None, torch.Tensor]:
+                 grouped_attention: bool = True, fused_qkv: bool = True) -> Generator[list[int], None, torch.Tensor]:
     """The decode loop as a generator: every ``check_every`` tokens it yields row 0's newest ids (up to and
     including its stop id, then nothing more), and it returns all new ids ``(batch, n)``.
 
@@ -84,7 +84,8 @@ def decode_steps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask
     (pytorch#123177), so streaming has to happen in the caller's thread. ``compile`` defaults to "on CUDA";
     a string or dict picks another ``torch.compile`` mode or inductor options (benchmarks try autotuning).
     ``grouped_attention`` switches an SDPA model to :mod:`glmlora.attention`'s one-token attention (same
-    results, no k/v head copies over the whole cache; False only for benchmarks that measure the difference).
+    results, no k/v head copies over the whole cache) and ``fused_qkv`` computes q, k and v in one matrix product
+    (:func:`glmlora.attention.fuse_qkv`); False only for benchmarks that measure the difference.
     """
     batch, length = input_ids.shape
     context = cache.get_max_length()
@@ -94,6 +95,9 @@ def decode_steps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask
     device = input_ids.device
     if grouped_attention:
         use_grouped_decode(model)
+    if fused_qkv:
+        fuse_qkv(model)
+    refresh_fused(model)  # the compiled step cannot notice changed weights (a merge since the last reply)
     compile = device.type == "cuda" if compile is None else compile
     if compile:
         step = compiled_step(model, "reduce-overhead" if compile is True else compile)

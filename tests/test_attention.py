@@ -1,4 +1,5 @@
-"""The grouped one-token attention: the same logits as SDPA, without copying k/v heads, only where it applies."""
+"""Decode-time attention changes: the grouped one-token attention (same logits as SDPA, no k/v head copies) and
+one q/k/v matrix product (same logits, parameters and saving untouched, never stale), each only where it applies."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from transformers import StaticCache
 from transformers.integrations import sdpa_attention
 
 from glmlora import load_model, load_tokenizer
-from glmlora.attention import NAME, use_grouped_decode
+from glmlora.attention import NAME, fuse_qkv, use_grouped_decode
 from glmlora.chatglm3 import ensure_native
 from glmlora.decoding import decode
 
@@ -62,10 +63,11 @@ def test_decode_loop_ids_unchanged(model_and_prompts):
     model, enc = model_and_prompts
     settings = dict(max_new_tokens=24, stop_ids=[], pad_id=0, compile=False, do_sample=False)
     before = decode(model, StaticCache(config=model.config, max_cache_len=96), enc["input_ids"],
-                    enc["attention_mask"], **settings)
-    use_grouped_decode(model)
+                    enc["attention_mask"], grouped_attention=False, fused_qkv=False, **settings)
     after = decode(model, StaticCache(config=model.config, max_cache_len=96), enc["input_ids"],
-                   enc["attention_mask"], **settings)
+                   enc["attention_mask"], **settings)  # the defaults: grouped attention, fused q/k/v
+    assert model.config._attn_implementation == NAME
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "_FusedLinear"
     assert torch.equal(before, after)
 
 
@@ -76,3 +78,49 @@ def test_other_attention_left_alone(model_and_prompts):
     assert model.config._attn_implementation == "eager"
     model.set_attn_implementation("sdpa")
     assert use_grouped_decode(model) and use_grouped_decode(model)  # idempotent
+
+
+def test_fused_qkv_same_logits_parameters_and_saved_files(model_and_prompts, tmp_path):
+    model, enc = model_and_prompts
+    ids = enc["input_ids"]
+    with torch.no_grad():
+        reference = model(ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fuse_qkv(model) == model.config.num_hidden_layers and fuse_qkv(model) == model.config.num_hidden_layers
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference, rtol=1e-5, atol=1e-5)
+    after = model.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = load_model(tmp_path / "saved").eval()
+    assert type(reloaded.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # plain transformers on disk
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qkv_follows_weight_changes_and_falls_back_out_of_order(model_and_prompts):
+    model, enc = model_and_prompts
+    fuse_qkv(model)
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attention.v_proj.weight.add_(0.5)  # what an in-place LoRA merge does
+        plain = torch.nn.functional.linear
+        x = torch.randn(1, 3, attention.q_proj.in_features)
+        for part in (attention.q_proj, attention.k_proj, attention.v_proj):  # the order GlmAttention calls them
+            torch.testing.assert_close(part(x), plain(x, part.weight, part.bias), rtol=1e-5, atol=1e-5)
+        other = torch.randn_like(x)  # k or v on an input q did not just see: its own weight
+        torch.testing.assert_close(attention.k_proj(other), plain(other, attention.k_proj.weight,
+                                                                  attention.k_proj.bias), rtol=1e-5, atol=1e-5)
+        model.to(torch.float64)  # new tensors: the fused copy is rebuilt, in the new dtype
+        x = x.double()
+        torch.testing.assert_close(attention.q_proj(x), plain(x, attention.q_proj.weight, attention.q_proj.bias))
+
+
+def test_lora_wrapped_projections_are_left_alone(model_and_prompts):
+    from peft import get_peft_model
+
+    from glmlora.lora import lora_config
+
+    model, _ = model_and_prompts
+    peft = get_peft_model(model, lora_config())
+    assert fuse_qkv(peft) == 0
