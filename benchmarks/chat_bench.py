@@ -14,8 +14,8 @@ since random weights stop anywhere). Prints decode tokens/s, time to first token
   diagnostics in the same run (--variants picks; default all): b_context_1024 (a 1,024-token cache);
   b_check_every_8 (as when streaming); b_sdpa / b_sdpa_1024 (transformers' SDPA attention, which copies the
   k/v heads out to 32 over the whole cache every layer; q/k/v separate); b_unfused (b with q, k and v as three
-  products); b_dynamic_cache (transformers' generate, dynamic
-  cache); b_hf_static (transformers' generate on a static cache with its own compiled step)
+  products); b_dynamic_cache (transformers' generate, dynamic cache); b_hf_static (transformers' generate on a
+  static cache with its own compiled step)
   --extra autotune,flex: b compiled with mode "max-autotune" plus coordinate-descent tuning (inductor benchmarks
   its own kernels against cuBLAS for each shape; long compile), and b with flex attention
   --quick leaves out a, b_dynamic_cache (slow, unchanged by glmlora's loop) and the stream check in follow-up runs

@@ -98,7 +98,7 @@ class _Projections:
                     old.copy_(fresh)
                 else:
                     setattr(self, name, fresh)
-        self.stamp = self._now()
+        self.stamp = stamp  # copying out of the weights leaves their stamps as they were
 
 
 class _FusedLinear(torch.nn.Linear):

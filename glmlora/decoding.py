@@ -95,9 +95,11 @@ def decode_steps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask
     device = input_ids.device
     if grouped_attention:
         use_grouped_decode(model)
+    # fusing refreshes too; either way the compiled step cannot notice changed weights (a merge since the last reply)
     if fused_qkv:
         fuse_qkv(model)
-    refresh_fused(model)  # the compiled step cannot notice changed weights (a merge since the last reply)
+    else:
+        refresh_fused(model)
     compile = device.type == "cuda" if compile is None else compile
     if compile:
         step = compiled_step(model, "reduce-overhead" if compile is True else compile)
