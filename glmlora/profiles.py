@@ -97,7 +97,7 @@ class Profile:
 
 
 # Small, fast settings so the tiny model visibly learns on a CPU within a minute.
-TINY_TRAINING = dict(learning_rate=3e-3, num_train_epochs=4, logging_steps=10, save_steps=100, warmup_steps=0.05)
+TINY_TRAINING = dict(learning_rate=3e-3, num_train_epochs=4, logging_steps=10, warmup_steps=0.05)
 
 
 def select_profile(name: str | None = None) -> Profile:

@@ -60,7 +60,7 @@ def training_arguments(output_dir: str | Path, **overrides: Any) -> TrainingArgu
         warmup_steps=0.03,
         logging_steps=10,
         save_strategy="steps",
-        save_steps=100,
+        save_steps=0.25,  # below 1: a fraction of the run, so every run (tiny or 6B, any data) gets 4 checkpoints
         save_total_limit=2,
         gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False},

@@ -22,9 +22,10 @@ def main() -> int:
     for path in args.notebooks:
         start = time.time()
         nb = nbformat.read(path, as_version=4)
-        client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+        client = NotebookClient(nb, timeout=args.timeout, kernel_name="glmlora",
                                 resources={"metadata": {"path": str(path.parent.resolve())}})
-        target = args.out / path.name
+        target = args.out / path.parent.name / path.name  # executed/zh/..., executed/en/...
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
             client.execute()
         except CellExecutionError as e:
@@ -38,7 +39,7 @@ def main() -> int:
                 for line in out.get("text", "").splitlines():
                     if line.startswith("SUMMARY"):
                         print(f"  {line}")
-        print(f"ok  {path.name:40s} {time.time() - start:6.1f} s -> {target}")
+        print(f"ok  {path.parent.name}/{path.name:40s} {time.time() - start:6.1f} s -> {target}")
     print(f"\nExecuted notebooks are in {args.out.resolve()} (open them in JupyterLab).")
     return 0
 
