@@ -339,11 +339,35 @@ def default_dtype() -> torch.dtype:
     return torch.float32
 
 
+def quantization_config(compute_dtype: torch.dtype | None = None) -> Any:
+    """QLoRA's 4-bit base: NF4 weights with double quantization, matrix products in bf16 (fp16 on older GPUs).
+
+    Needs a CUDA GPU and bitsandbytes (requirements-gpu.txt); the error says so before any weight is read.
+    """
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("load_in_4bit (QLoRA) needs a CUDA GPU; on this machine set LOAD_IN_4BIT = False")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("load_in_4bit (QLoRA) needs bitsandbytes: pip install -r requirements-gpu.txt")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype or default_dtype())
+
+
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device_map: Any = None,
-               attn_implementation: str = "sdpa", **kwargs: Any):
-    """Load ChatGLM3 as ``GlmForCausalLM`` from an original download (converted once) or a native dir."""
+               attn_implementation: str = "sdpa", load_in_4bit: bool = False, **kwargs: Any):
+    """Load ChatGLM3 as ``GlmForCausalLM`` from an original download (converted once) or a native dir.
+
+    ``load_in_4bit=True`` loads the base in 4-bit NF4 for QLoRA on 10-16 GB cards (see
+    ``quantization_config``); the layers that stay unquantised (embedding, norms, output) keep ``dtype``.
+    """
     from transformers import AutoModelForCausalLM
 
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(dtype if isinstance(dtype, torch.dtype) else None)
+        device_map = device_map or {"": torch.cuda.current_device()}
     native = ensure_native(path)
     return AutoModelForCausalLM.from_pretrained(
         str(native), dtype=dtype or default_dtype(), device_map=device_map,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -73,3 +74,41 @@ def test_build_pairs_markdown_and_shares_code(tmp_path):
     assert [c.source for c in zh.cells] == ["# 标题", "X = 1  # a knob", "print(X)"]
     assert [c.source for c in en.cells] == ["# Title", "X = 1  # a knob", "print(X)"]
     assert zh.cells[1].metadata["tags"] == ["parameters"] and [c.id for c in zh.cells] == [c.id for c in en.cells]
+
+
+#: Lessons 03-07 end with a recap for a person, exercises and troubleshooting (issue 12, COURSE_STYLE.md §5).
+ENDINGS = {"zh": ("## 小结", "## 练习", "## 常见问题", "## 下一步"),
+           "en": ("## Recap", "## Exercises", "## Troubleshooting", "## Next")}
+EXERCISE = {"zh": re.compile(r"\*\*练习 \d"), "en": re.compile(r"\*\*Exercise \d")}
+#: The calls each lesson must show as code (the learner sees and runs them), not behind a helper.
+SHOWN = {"02_download": ("snapshot_download(",),
+         "04_formatting": ("def process_func(",),
+         "05_lora_training": ("LoraConfig(", "get_peft_model(", "TrainingArguments(", "Trainer(", ".train(",
+                              "enable_input_require_grads()"),
+         "06_reload_and_chat": ("PeftModel.from_pretrained(", "merge_and_unload()", ".generate(")}
+
+
+@pytest.mark.parametrize("lesson", [x for x in LESSONS if "03" <= x[:2] <= "07"])
+@pytest.mark.parametrize("lang", bn.LANGS)
+def test_lessons_end_with_recap_exercises_and_troubleshooting(lesson, lang):
+    markdown = [c.source for c in committed(lang, lesson).cells if c.cell_type == "markdown"]
+    text = "\n".join(markdown)
+    positions = [text.find(h) for h in ENDINGS[lang]]
+    assert all(p >= 0 for p in positions), f"{lang}/{lesson} lacks {[h for h, p in zip(ENDINGS[lang], positions) if p < 0]}"
+    assert positions == sorted(positions), f"{lang}/{lesson}: the closing sections are out of order"
+    assert 2 <= len(EXERCISE[lang].findall(text)) <= 4, f"{lang}/{lesson} should have 2-4 exercises"
+
+
+@pytest.mark.parametrize("lesson", sorted(SHOWN))
+def test_lessons_show_the_calls_they_teach(lesson):
+    code = "\n".join(c.source for c in committed("en", lesson).cells if c.cell_type == "code")
+    missing = [call for call in SHOWN[lesson] if call not in code]
+    assert not missing, f"{lesson} must show {missing} in a code cell"
+
+
+def test_zh_markdown_is_mostly_chinese():
+    for lesson in LESSONS:
+        text = "\n".join(c.source for c in committed("zh", lesson).cells if c.cell_type == "markdown")
+        text = re.sub(r"```.*?```|`[^`]*`|\(\S*\)|<[^>]+>", "", text, flags=re.S)  # code, links, html
+        cjk, latin = len(re.findall(r"[\u4e00-\u9fff]", text)), len(re.findall(r"[A-Za-z]", text))
+        assert cjk / max(cjk + latin, 1) >= 0.5, f"zh/{lesson}: only {cjk / max(cjk + latin, 1):.0%} Chinese"
