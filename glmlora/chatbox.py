@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from .decoding import will_compile
 from .generate import GenerationSettings, Messages, stream_chat
@@ -60,10 +60,21 @@ def render_transcript(exchanges: list[tuple[str, str]], pending: tuple[str, str]
     return "".join(rows) or '<div style="color:#888">Say hello to start.</div>'
 
 
+def memorised_hint(questions: Sequence[str]) -> str:
+    """The line under a tiny model's box: what it can answer, and that only a fresh conversation works."""
+    if not questions:
+        return ""
+    items = "".join(f"<li><code>{html.escape(q)}</code></li>" for q in questions)
+    return ('<div style="font-size:85%;color:#555">This tiny model memorised single-question answers. Press '
+            f'<b>Clear</b>, then send one of these exactly: <ul style="margin:2px 0">{items}</ul></div>')
+
+
 class ChatBox:
     """Input, Send, Clear and a streamed transcript, on top of a :class:`ChatSession`."""
 
-    def __init__(self, session: ChatSession) -> None:
+    def __init__(self, session: ChatSession, memorised: Sequence[str] = ()) -> None:
+        """``memorised``: questions a tiny model learned by heart, listed under the box (send one as the first
+        message of a fresh conversation: the tiny model learned single-question answers only)."""
         import ipywidgets as w
 
         self.session = session
@@ -76,8 +87,9 @@ class ChatBox:
         self.clear_button.on_click(lambda _: self.clear())
         self.input.on_submit(lambda _: self.send())
         notice = w.HTML(f'<div style="font-size:85%;color:#a33">{html.escape(DISCLAIMER)}</div>')
+        hint = w.HTML(memorised_hint(memorised))
         self.widget = w.VBox([notice, self.transcript, w.HBox([self.input, self.send_button, self.clear_button]),
-                              self.status])
+                              self.status, hint])
 
     def send(self) -> str:
         """Send the input box's text; returns the full reply (the transcript updates as it streams)."""

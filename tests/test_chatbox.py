@@ -72,3 +72,11 @@ def test_chat_box_warns_that_the_first_gpu_reply_compiles(memorised):
     box.input.value = "再问一次"
     box.send()
     assert seen[-1] == "<i>thinking…</i>"
+
+
+def test_memorised_questions_are_listed_under_the_box(memorised):
+    model, tok, records, *_ = memorised
+    box = ChatBox(ChatSession(model, tok, settings=GREEDY), memorised=["<q1>", "你好"])
+    hint = box.widget.children[-1].value
+    assert "&lt;q1&gt;" in hint and "你好" in hint and "Clear" in hint
+    assert ChatBox(ChatSession(model, tok)).widget.children[-1].value == ""
