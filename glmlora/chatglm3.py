@@ -7,8 +7,10 @@ shard by shard, into a normal transformers directory, so nothing here ever needs
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from transformers import GenerationConfig, GlmConfig
 from .tokenizer import VOCAB_FILE, ChatGLM3Tokenizer, load_tokenizer
 
 MARKER = "glmlora_conversion.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: source hashes and the list of files written
 NATIVE_SUFFIX = "-glmlora-native"
 
 
@@ -61,6 +63,10 @@ def glm_config_from_chatglm(cfg: dict[str, Any], source: str = "config.json") ->
     missing = [f for f in _REQUIRED if f not in cfg]
     if missing:
         raise ConversionError(f"{source}: missing field(s) {', '.join(missing)}")
+    for field in (*_REQUIRED, "kv_channels", "multi_query_group_num", "seq_length"):
+        value = cfg.get(field, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConversionError(f"{source}: field '{field}' must be a positive integer, got {value!r}")
     heads = cfg["num_attention_heads"]
     kv_heads = cfg.get("multi_query_group_num", heads) if cfg.get("multi_query_attention") else heads
     return GlmConfig(
@@ -203,13 +209,16 @@ def weight_files(model_dir: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = model_dir / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-            if not weight_map:
-                raise ConversionError(f"{index}: field 'weight_map' is missing or empty")
+            parsed = _read_json(index)
+            weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+            if not weight_map or not isinstance(weight_map, dict) or \
+                    not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{index}: field 'weight_map' is missing, empty or not a mapping of weight "
+                                      f"names to shard files")
             files = [model_dir / f for f in sorted(set(weight_map.values()))]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise ConversionError(f"{index} lists shard(s) that are not in {model_dir}: {', '.join(missing)} "
+                raise ConversionError(f"{index}: lists shard(s) that are not in {model_dir}: {', '.join(missing)} "
                                       f"(an interrupted download? run the download again)")
             return files
     for single in ("model.safetensors", "pytorch_model.bin"):
@@ -219,27 +228,85 @@ def weight_files(model_dir: Path) -> list[Path]:
                           f"with their index json when sharded)")
 
 
+def check_safetensors(path: Path) -> None:
+    """Raise :class:`ConversionError` naming ``path`` unless its header is readable and its data complete
+    (safetensors checks that the header's offsets cover the file exactly); reads the header only."""
+    if path.stat().st_size == 0:
+        raise ConversionError(f"{path}: empty file (0 bytes): an interrupted download? download it again")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as e:  # SafetensorError, OSError: the library's message, with the file named
+        raise ConversionError(f"{path}: not a readable safetensors file ({e}): truncated or corrupt; "
+                              f"download it again") from None
+
+
 def read_shard(path: Path) -> dict[str, torch.Tensor]:
-    """One shard into host memory (memory-mapped for .bin), never more."""
+    """One shard into host memory (memory-mapped for .bin), never more; a broken file is named."""
     if path.suffix == ".safetensors":
+        check_safetensors(path)
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if path.stat().st_size == 0:
+        raise ConversionError(f"{path}: empty file (0 bytes): an interrupted download? download it again")
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}): truncated or "
+                              f"corrupt; download it again") from None
 
 
-def read_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"{model_dir}: no config.json (is this a model directory?)")
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{path}: not UTF-8 (byte offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def _fingerprint(model_dir: Path, files: list[Path]) -> list[list[Any]]:
+def read_config(model_dir: Path) -> dict[str, Any]:
+    if not model_dir.is_dir():
+        raise ConversionError(f"{model_dir}: no such model directory")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{model_dir}: no config.json (is this a model directory?)")
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: must be a JSON object of config fields, got {type(config).__name__}")
+    return config
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprint(model_dir: Path, files: list[Path], hashes: dict[str, str] | None = None) -> list[list[Any]]:
+    """``[name, size, mtime, sha256]`` of every source file; the hash is computed only when asked for."""
     names = [model_dir / "config.json", model_dir / VOCAB_FILE, *files]
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in names]
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns, (hashes or {}).get(p.name)] for p in names]
+
+
+def _same_source(old: dict[str, Any], stamp: dict[str, Any], src: Path) -> list[list[Any]] | None:
+    """The up-to-date fingerprint when the recorded conversion was made from these very files, else None.
+
+    Same names and sizes; a file whose time stamp changed (copied, touched) counts as the same when its
+    SHA-256 equals the recorded one, so only a real change of contents converts again."""
+    if {k: old.get(k) for k in ("format", "source")} != {k: stamp[k] for k in ("format", "source")}:
+        return None
+    before, now = old.get("files") or [], stamp["files"]
+    if [f[:2] for f in before] != [f[:2] for f in now]:
+        return None
+    fresh = []
+    for (name, size, mtime, digest), (_, _, now_mtime, _) in zip(before, now):
+        if mtime != now_mtime and (digest is None or _sha256(src / name) != digest):
+            return None
+        fresh.append([name, size, now_mtime, digest])
+    return fresh
 
 
 @dataclass
@@ -250,32 +317,84 @@ class ConversionReport:
     parameters: int
 
 
+def _source_tokenizer(src: Path, config: GlmConfig) -> ChatGLM3Tokenizer:
+    vocab = src / VOCAB_FILE
+    if not vocab.is_file():
+        raise ConversionError(f"{src}: missing tokenizer file '{VOCAB_FILE}' (the ChatGLM3 sentencepiece model)")
+    try:
+        tokenizer = ChatGLM3Tokenizer(vocab_file=str(vocab))
+    except Exception as e:  # sentencepiece's own RuntimeError for a damaged model file
+        raise ConversionError(f"{vocab}: not a readable sentencepiece model ({e}); download it again") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConversionError(f"{vocab}: {tokenizer.vocab_size} token ids (with the 9 special tokens) do not fit "
+                              f"the {config.vocab_size} embedding rows of config.json's 'padded_vocab_size'")
+    return tokenizer
+
+
+def _check_sources(files: list[Path]) -> None:
+    """Every shard's header before anything is written: a broken download stops the conversion at once."""
+    for path in files:
+        if path.suffix == ".safetensors":
+            check_safetensors(path)
+        elif path.stat().st_size == 0:
+            raise ConversionError(f"{path}: empty file (0 bytes): an interrupted download? download it again")
+
+
 def convert_checkpoint(src: str | Path, out: str | Path | None = None, progress: bool = True) -> ConversionReport:
     """Convert an original ChatGLM3 directory into a native one; reuses a finished conversion.
 
-    Writes into ``<out>.partial`` and renames at the end, so an interrupted run is never mistaken for a
-    finished one.  Host memory stays near one input shard: each shard is converted and written on its own.
+    Writes into ``<out>.partial`` (removed again if anything fails) and moves the files into ``out`` at the end,
+    so an interrupted run is never mistaken for a finished one. Host memory stays near one input shard: each
+    shard is converted and written on its own. A conversion made from other source files is replaced file by
+    file: what glmlora wrote goes, files a user put into ``out`` stay.
     """
     src = Path(src)
     out = Path(out) if out is not None else native_dir_for(src)
-    config_dict = read_config(src)
-    if not (src / VOCAB_FILE).is_file():
-        raise ConversionError(f"{src}: missing tokenizer file '{VOCAB_FILE}' (the ChatGLM3 sentencepiece model)")
-    tokenizer = ChatGLM3Tokenizer(vocab_file=str(src / VOCAB_FILE))
-    config = glm_config_from_chatglm(config_dict, str(src / "config.json"))
+    config = glm_config_from_chatglm(read_config(src), str(src / "config.json"))
+    tokenizer = _source_tokenizer(src, config)
     files = weight_files(src)
     stamp = {"format": FORMAT_VERSION, "source": str(src.resolve()), "files": _fingerprint(src, files)}
-    if (out / MARKER).is_file():
-        if json.loads((out / MARKER).read_text(encoding="utf-8")) == stamp:
-            return ConversionReport(out, True, len(files), count_parameters(out))
-        shutil.rmtree(out)  # ours, but made from other source files
-    elif out.exists():
+    old = _conversion_marker(out)
+    if old is not None and (fresh := _same_source(old, stamp, src)) is not None:
+        if fresh != old["files"]:  # only time stamps changed: remember the new ones, convert nothing
+            (out / MARKER).write_text(json.dumps({**old, "files": fresh}, indent=2))
+        return ConversionReport(out, True, len(files), count_parameters(out))
+    if old is None and out.exists():
         raise ConversionError(f"{out} exists and is not a glmlora conversion; move it away or choose another "
                               f"output directory")
+    _check_sources(files)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    weight_map, total, seen = {}, 0, set()
+    if old is not None:
+        print(f"{src} has changed since {out} was converted: converting it again (files you added there stay)",
+              flush=True)
+    try:
+        hashes = _write_conversion(src, files, config, tokenizer, partial, progress)
+        written = sorted(p.name for p in partial.iterdir())
+        stamp["files"] = _fingerprint(src, files, hashes)
+        (partial / MARKER).write_text(json.dumps({**stamp, "written": written + [MARKER]}, indent=2))
+        _install(partial, out, old)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return ConversionReport(out, False, len(files), count_parameters(out))
+
+
+def _conversion_marker(out: Path) -> dict[str, Any] | None:
+    """The stamp of a glmlora conversion in ``out`` (an unreadable one counts as ours, to be redone)."""
+    if not (out / MARKER).is_file():
+        return None
+    try:
+        marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _write_conversion(src: Path, files: list[Path], config: GlmConfig, tokenizer: ChatGLM3Tokenizer,
+                      partial: Path, progress: bool) -> dict[str, str]:
+    """The native shards, index, configs and tokenizer in ``partial``; returns the sources' SHA-256s."""
+    weight_map, total, seen, hashes = {}, 0, set(), {}
     for i, path in enumerate(tqdm(files, desc="converting shards", disable=not progress)):
         tensors = convert_tensors(read_shard(path), config, str(path))
         name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
@@ -285,9 +404,9 @@ def convert_checkpoint(src: str | Path, out: str | Path | None = None, progress:
             total += t.numel() * t.element_size()
         seen |= tensors.keys()
         del tensors
+        hashes[path.name] = _sha256(path)  # just read: served from the page cache
     missing = sorted(set(expected_shapes(config)) - seen)
     if missing:
-        shutil.rmtree(partial)
         raise ConversionError(f"{src}: the checkpoint lacks {len(missing)} weight(s), e.g. "
                               f"{', '.join(missing[:3])} (native names)")
     (partial / "model.safetensors.index.json").write_text(json.dumps(
@@ -296,9 +415,31 @@ def convert_checkpoint(src: str | Path, out: str | Path | None = None, progress:
     config.save_pretrained(partial)
     generation_config(tokenizer.stop_ids).save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    (partial / MARKER).write_text(json.dumps(stamp, indent=2))
-    partial.rename(out)
-    return ConversionReport(out, False, len(files), count_parameters(out))
+    hashes.update({p.name: _sha256(p) for p in (src / "config.json", src / VOCAB_FILE)})
+    return hashes
+
+
+def _install(partial: Path, out: Path, old: dict[str, Any] | None) -> None:
+    """Move the new conversion into ``out``. Over an older one: its marker goes first (an interruption then
+    leaves a directory that converts again), then the files it wrote, then the new files and marker."""
+    if old is None:
+        partial.rename(out)
+        return
+    (out / MARKER).unlink(missing_ok=True)
+    ours = old.get("written") or _written_by_format_1(out)
+    for name in ours:
+        if (out / name).is_file():
+            (out / name).unlink()
+    for path in sorted(partial.iterdir(), key=lambda p: p.name == MARKER):  # the marker last
+        os.replace(path, out / path.name)
+
+
+def _written_by_format_1(out: Path) -> list[str]:
+    """What a conversion made before markers listed their files wrote (format 1)."""
+    fixed = {"model.safetensors.index.json", "config.json", "generation_config.json", VOCAB_FILE,
+             "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", MARKER}
+    return sorted(p.name for p in out.iterdir()
+                  if p.name in fixed or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", p.name))
 
 
 def count_parameters(native: Path) -> int:
@@ -333,9 +474,14 @@ def ensure_native(path: str | Path, progress: bool = True) -> Path:
 
 
 def default_dtype() -> torch.dtype:
-    """bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU (CPU half math is slow or missing)."""
+    """bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU (CPU half math is slow or missing).
+
+    ``GLMLORA_NO_BF16=1`` takes the fp16 path on any GPU (``environment.bf16_supported``), so an fp16-only card
+    can be rehearsed on a newer one."""
+    from .environment import bf16_supported
+
     if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if bf16_supported() else torch.float16
     return torch.float32
 
 
@@ -380,59 +526,15 @@ def load(path: str | Path, **kwargs: Any):
     return load_model(native, **kwargs), load_tokenizer(native)
 
 
-def export_original(native: str | Path, out: str | Path) -> Path:
-    """Write a native directory back in the original ChatGLM3 layout (for tools that expect it).
-
-    The original remote code is not shipped; the weights, config.json and tokenizer.model are.
-    """
-    native, out = Path(native), Path(out)
-    config = GlmConfig.from_pretrained(str(native))
-    out.mkdir(parents=True, exist_ok=True)
-    files = weight_files(native)
-    weight_map: dict[str, str] = {}
-    pending: dict[str, torch.Tensor] = {}
-    for i, path in enumerate(files):
-        pending.update(read_shard(path))
-        # q, k and v of one layer may sit in different shards: keep incomplete layers for the next shard.
-        done = {k: v for k, v in pending.items() if _layer_complete(k, pending)}
-        for k in done:
-            pending.pop(k)
-        name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-        converted = to_original(done, config)
-        save_file(converted, str(out / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in converted})
-    if pending:
-        raise ConversionError(f"{native}: incomplete attention weights {sorted(pending)[:3]}")
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                                 indent=2))
-    (out / "config.json").write_text(json.dumps(chatglm_config_from_glm(config), indent=2))
-    shutil.copyfile(native / VOCAB_FILE, out / VOCAB_FILE)
-    return out
+# ---- export moved to glmlora.export ----------------------------------------------------------------
+_MOVED_TO_EXPORT = ("export_original", "chatglm_config_from_glm")
 
 
-def _layer_complete(name: str, tensors: dict[str, torch.Tensor]) -> bool:
-    m = re.match(r"^(model\.layers\.\d+\.self_attn\.)[qkv]_proj\.(weight|bias)$", name)
-    if not m:
-        return True
-    return all(f"{m.group(1)}{x}_proj.{m.group(2)}" in tensors for x in "qkv")
+def __getattr__(name: str) -> Any:
+    """Old imports (``from glmlora.chatglm3 import export_original``) keep working; export lives in
+    glmlora.export, which imports this module (so it cannot be imported here at load time)."""
+    if name in _MOVED_TO_EXPORT:
+        from . import export
 
-
-def chatglm_config_from_glm(config: GlmConfig) -> dict[str, Any]:
-    """The original ``config.json`` fields for a native config (inverse of :func:`glm_config_from_chatglm`)."""
-    theta = config.rope_parameters["rope_theta"]
-    out = {
-        "model_type": "chatglm", "architectures": ["ChatGLMModel"],
-        "add_bias_linear": False, "add_qkv_bias": bool(config.attention_bias),
-        "apply_residual_connection_post_layernorm": False, "ffn_hidden_size": config.intermediate_size,
-        "hidden_size": config.hidden_size, "kv_channels": config.head_dim,
-        "layernorm_epsilon": config.rms_norm_eps,
-        "multi_query_attention": config.num_key_value_heads != config.num_attention_heads,
-        "multi_query_group_num": config.num_key_value_heads, "num_attention_heads": config.num_attention_heads,
-        "num_layers": config.num_hidden_layers, "original_rope": True, "padded_vocab_size": config.vocab_size,
-        "post_layer_norm": True, "rmsnorm": True, "seq_length": config.max_position_embeddings,
-        "tie_word_embeddings": False, "eos_token_id": 2, "pad_token_id": config.pad_token_id,
-        "torch_dtype": str(config.dtype).replace("torch.", "") if config.dtype else "float16",
-    }
-    if theta != 10000.0:
-        out["rope_ratio"] = theta / 10000.0
-    return out
+        return getattr(export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -66,6 +66,22 @@ def fit_history(tokenizer: ChatGLM3Tokenizer, messages: Messages, max_context: i
         rest = rest[2:] if rest[0]["role"] == "user" and len(rest) > 2 else rest[1:]
 
 
+def _fitted_prompts(tokenizer: ChatGLM3Tokenizer, conversations: Sequence[Messages], limit: int) -> list[list[int]]:
+    """Prompt ids of every conversation, each shortened by :func:`fit_history` to ``limit`` tokens; says how many."""
+    prompts, shortened = [], 0
+    for i, conv in enumerate(conversations):
+        try:
+            fitted = fit_history(tokenizer, list(conv), limit)
+        except ValueError as e:
+            raise ValueError(f"conversation {i}: {e}") from None
+        shortened += len(fitted) < len(conv)
+        prompts.append(tokenizer.build_conversation(fitted, add_generation_prompt=True))
+    if shortened:
+        print(f"generate_batch: {shortened} of {len(prompts)} conversation(s) shortened to fit the context "
+              f"({limit} prompt tokens; oldest exchanges dropped, system message kept)", flush=True)
+    return prompts
+
+
 _TOOL_NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
 
 
@@ -115,8 +131,10 @@ def _generate_kwargs(tokenizer: ChatGLM3Tokenizer, settings: GenerationSettings)
 
 
 def _use_fast_path(model: Any, fast: bool | None, settings: GenerationSettings) -> bool:
-    """``fast`` (default: on CUDA) unless the settings need ``generate`` (the loop applies no repetition penalty)."""
-    fast = bool(fast) if fast is not None else model.device.type == "cuda"
+    """``fast`` (default: on CUDA, except over a 4-bit base, whose compiled decode step was never measured) unless
+    the settings need ``generate`` (the loop applies no repetition penalty)."""
+    quantised = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    fast = bool(fast) if fast is not None else (model.device.type == "cuda" and not quantised)
     return fast and settings.repetition_penalty == 1.0
 
 
@@ -176,6 +194,7 @@ def stream_chat(model: Any, tokenizer: ChatGLM3Tokenizer, query: str, history: M
     The metadata line is held back, so the pieces join to exactly what :func:`chat` returns. The fast path
     streams from :func:`glmlora.decoding.decode_steps` in this thread (a compiled CUDA graph must not be
     replayed from another thread); ``generate`` runs in a background thread with a ``TextIteratorStreamer``.
+    Closing the generator early (a chat box's Stop) ends generation at the next token on both paths.
     """
     settings = settings or GenerationSettings()
     fast = _use_fast_path(model, fast, settings)
@@ -191,9 +210,12 @@ def stream_chat(model: Any, tokenizer: ChatGLM3Tokenizer, query: str, history: M
                   context=None, streamer=streamer)
     worker = Thread(target=_generate_quietly, args=(kwargs,), daemon=True)
     worker.start()
-    yield from _reply_pieces(accumulate(streamer))
-    worker.join()
-    if isinstance(kwargs.get("error"), BaseException):
+    try:
+        yield from _reply_pieces(accumulate(streamer))
+    finally:  # also when the consumer stops early: the worker must not go on generating unseen
+        streamer.cancel()
+        worker.join()
+    if isinstance(kwargs.get("error"), BaseException) and not isinstance(kwargs["error"], StreamCancelled):
         raise kwargs["error"]
 
 
@@ -227,15 +249,28 @@ def _reply_pieces(texts: Iterator[str]) -> Iterator[str]:
         yield final[sent:]
 
 
+class StreamCancelled(Exception):
+    """Raised inside ``generate`` by a cancelled :class:`ReplyStreamer`: the reader stopped listening."""
+
+
 class ReplyStreamer(TextIteratorStreamer):
-    """A ``TextIteratorStreamer`` that re-decodes the whole reply at every token.
+    """A ``TextIteratorStreamer`` that re-decodes the whole reply at every token, and can be cancelled.
 
     The stock streamer restarts decoding after each newline; sentencepiece then drops the leading space
     of the next piece, so the streamed text would differ from the final reply. Holding back a trailing
-    incomplete UTF-8 character keeps every emitted piece final.
+    incomplete UTF-8 character keeps every emitted piece final. ``generate`` hands every new token to
+    :meth:`put`; after :meth:`cancel`, ``put`` raises :class:`StreamCancelled`, which ends ``generate`` there
+    (the streamer is already shared by both threads, so no stopping criterion has to be passed in).
     """
 
+    cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
     def put(self, value: torch.Tensor) -> None:
+        if self.cancelled:
+            raise StreamCancelled("the reader stopped the stream")
         if value.dim() > 1:
             value = value[0]
         if self.skip_prompt and self.next_tokens_are_prompt:
@@ -273,19 +308,21 @@ def _generate_quietly(kwargs: dict[str, Any]) -> None:
 @torch.inference_mode()
 def generate_batch(model: Any, tokenizer: ChatGLM3Tokenizer, conversations: Sequence[Messages],
                    settings: GenerationSettings | None = None, batch_size: int = 8,
-                   progress: bool = True, fast: bool | None = None) -> list[str]:
+                   progress: bool = True, fast: bool | None = None, max_context: int | None = None) -> list[str]:
     """Replies for many conversations at once: left-padded batches, similar lengths together.
 
     Each conversation ends with the user message to answer.  Order of the result = order of the input.
+    Each is fitted to the context as :func:`chat` fits one (:func:`fit_history`: the oldest exchanges go, the
+    system message stays, ``max_new_tokens`` are left free), and how many were shortened is printed.
     ``fast`` (default: on CUDA) runs :func:`glmlora.decoding.decode` on one static cache shared by all batches
     (the last batch is filled up with repeats, so the compiled step never sees a new shape; compiling it
     takes a while once). ``fast=False``: transformers' ``generate`` with a dynamic cache.
     """
     settings = settings or GenerationSettings(do_sample=False)
-    prompts = [tokenizer.build_conversation(c, add_generation_prompt=True) for c in conversations]
+    fast = _use_fast_path(model, fast, settings)
+    prompts = _fitted_prompts(tokenizer, conversations, _context(model, max_context, fast) - settings.max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
-    fast = _use_fast_path(model, fast, settings)
     context = None
     if fast and prompts:
         batch_size = min(batch_size, len(prompts))

@@ -11,24 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from .chatglm3 import ConversionError, ensure_native, load_model
-from .data import load_records, sample_data_path, split_records, write_jsonl
-from .profiles import MODEL_ID, Profile, model_cache
+from .data import (empty_validation_note, file_fingerprint, load_records, sample_data_path, split_records,
+                   write_jsonl)
+from .download import download_chatglm3  # noqa: F401  (lesson 02 and older code import it from here)
+from .profiles import Profile
 from .tokenizer import load_tokenizer
-
-
-def download_chatglm3(cache_dir: str | Path | None = None) -> Path:
-    """``modelscope.snapshot_download`` of ChatGLM3-6B (about 12.5 GB); re-running skips finished files."""
-    cache_dir = Path(cache_dir) if cache_dir else model_cache()
-    try:
-        from modelscope import snapshot_download
-    except ImportError as e:
-        raise RuntimeError("modelscope is not installed: pip install modelscope") from e
-    try:
-        return Path(snapshot_download(MODEL_ID, cache_dir=str(cache_dir)))
-    except Exception as e:  # network errors come in many types; the message is what matters
-        raise RuntimeError(f"could not download {MODEL_ID} into {cache_dir} ({type(e).__name__}: {e}). "
-                           f"Without a network, copy an existing download to {cache_dir / MODEL_ID} (the folder "
-                           f"must contain config.json, tokenizer.model and the weight shards).") from None
 
 
 def ensure_base_model(profile: Profile) -> Path:
@@ -51,22 +38,54 @@ def ensure_native_model(profile: Profile) -> Path:
     return ensure_native(ensure_base_model(profile))
 
 
-def ensure_splits(profile: Profile, source: str | Path | None = None, val_fraction: float = 0.1,
-                  seed: int = 42) -> tuple[Path, Path]:
+def ensure_splits(profile: Profile, source: str | Path | None = None, val_fraction: float | None = None,
+                  seed: int | None = None) -> tuple[Path, Path]:
     """``train.jsonl`` and ``val.jsonl`` under the work directory (lesson 03's split, made once).
 
-    The split is remade when the source, fraction or seed differ from the ones recorded with it.
+    ``None`` means "as lesson 03 made it": the data file, fraction and seed recorded with the existing split
+    (so lessons 04-07 keep training and evaluating on a learner's own file), else the bundled data, 0.1, 42.
+    The split is remade — after validating every record — when the source's contents (a SHA-256 of the
+    file), its path, the fraction or the seed differ from the ones recorded with it; a changed file is said.
     """
-    train_path, val_path = profile.data_dir / "train.jsonl", profile.data_dir / "val.jsonl"
     stamp_path = profile.data_dir / "split.json"
-    stamp = {"source": str(source or sample_data_path()), "val_fraction": val_fraction, "seed": seed}
-    current = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
-    if not (train_path.is_file() and val_path.is_file()) or current != stamp:
-        train, val = split_records(load_records(stamp["source"]), val_fraction, seed)
-        write_jsonl(train, train_path)
-        write_jsonl(val, val_path)
-        stamp_path.write_text(json.dumps(stamp, indent=2))
+    current = _read_stamp(stamp_path)
+    recorded = current or {}
+    if source is None:
+        source = split_source(profile) or sample_data_path()
+    source = Path(source)
+    val_fraction = recorded.get("val_fraction", 0.1) if val_fraction is None else val_fraction
+    seed = recorded.get("seed", 42) if seed is None else seed
+    train_path, val_path = profile.data_dir / "train.jsonl", profile.data_dir / "val.jsonl"
+    if not source.is_file():
+        load_records(source)  # raises DataError naming the path
+    stamp = {"source": str(source), "sha256": file_fingerprint(source), "val_fraction": val_fraction, "seed": seed}
+    if train_path.is_file() and val_path.is_file() and current == stamp:
+        return train_path, val_path
+    if current and current.get("source") == stamp["source"] and current.get("sha256") != stamp["sha256"]:
+        print(f"{source} has changed since the split in {profile.data_dir} was made: validating it and "
+              f"splitting it again", flush=True)
+    train, val = split_records(load_records(source), val_fraction, seed)
+    if not val:
+        print(empty_validation_note(len(train), val_fraction), flush=True)
+    stamp_path.unlink(missing_ok=True)  # a split interrupted below is made again next time
+    write_jsonl(train, train_path)
+    write_jsonl(val, val_path)
+    stamp_path.write_text(json.dumps(stamp, indent=2))
     return train_path, val_path
+
+
+def split_source(profile: Profile) -> Path | None:
+    """The data file of the split that exists under the work directory, if that file still exists."""
+    current = _read_stamp(profile.data_dir / "split.json")
+    source = Path(current["source"]) if current and current.get("source") else None
+    return source if source is not None and source.is_file() else None
+
+
+def _read_stamp(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def train_adapter(profile: Profile, **overrides: Any) -> Path:
@@ -77,8 +96,10 @@ def train_adapter(profile: Profile, **overrides: Any) -> Path:
     from .train import TrainConfig, run
     from .training import free_memory
 
+    source = split_source(profile)  # the learner's own data if lesson 03 split it, else the bundled set
     config = TrainConfig(profile=profile.name, pack_tokens=profile.pack_tokens, max_length=profile.max_length,
-                         training=dict(overrides), resume="never", source="glmlora.pipeline.train_adapter")
+                         data=str(source) if source else None, training=dict(overrides), resume="never",
+                         source="glmlora.pipeline.train_adapter")
     adapter = run(config).adapter_dir
     free_memory()  # a lesson that trains on the fly then loads the model again: not two 6B models on one card
     return adapter
@@ -135,4 +156,4 @@ def load_finetuned(profile: Profile, merge: bool = True, **model_kwargs: Any):
 
 
 __all__ = ["ConversionError", "download_chatglm3", "ensure_adapter", "ensure_base_model", "ensure_native_model",
-           "ensure_splits", "load_finetuned", "memorise", "train_adapter"]
+           "ensure_splits", "load_finetuned", "memorise", "split_source", "train_adapter"]

@@ -14,25 +14,19 @@ tokenizer and the loss curve. The pieces are lesson 05's (``glmlora.pipeline``, 
 from __future__ import annotations
 
 import argparse
-import collections.abc
 import dataclasses
-import difflib
-import enum
+import functools
 import json
+import os
 import re
 import sys
 import time
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-class ConfigError(ValueError):
-    """A config file problem; the message names the file and the key."""
+from .validation import ConfigError, read_yaml, validate, where
 
 
 @dataclass
@@ -45,165 +39,73 @@ class TrainConfig:
     pack_tokens: int | None = None
     max_length: int | None = None
     speed_ups: bool | None = None  # None: on CUDA (flex attention, Liger loss, compiled layers)
+    load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only), for 10-16 GB cards
     training: dict[str, Any] = field(default_factory=dict)  # any TrainingArguments field
     output_dir: str | None = None  # None: profile.run_dir
     adapter_dir: str | None = None  # None: profile.adapter_dir
     resume: str = "auto"  # auto | never | a checkpoint directory
     source: str = field(default="<defaults>", metadata={"internal": True})
+    lines: dict[str, int] = field(default_factory=dict, metadata={"internal": True})  # YAML key -> line
+
+    def where(self, key: str) -> str:
+        """``file:line`` of a key, for messages."""
+        return where(self.source, self.lines, key)
 
 
 # ---------------------------------------------------------------------------------------------- config
-def config_keys() -> dict[str, Any]:
-    """The top-level YAML keys with their types (read from ``TrainConfig``, so there is one schema)."""
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")}
+def _top_limits() -> dict[str, Any]:
+    """Limits of the top-level keys beyond ``TrainConfig``'s types."""
+    from pydantic import Field
 
-
-def lora_keys() -> dict[str, Any]:
-    """The ``lora:`` keys: the named parameters of ``lora_config`` (its defaults stay there)."""
-    from .lora import lora_config
-
-    hints = typing.get_type_hints(lora_config)
-    return {k: hints[k] for k in ("r", "alpha", "dropout", "target_modules")}
-
-
-def training_keys() -> dict[str, Any]:
-    """The ``training:`` keys: every ``TrainingArguments`` field, except the ones set elsewhere."""
-    from transformers import TrainingArguments
-
-    hints = typing.get_type_hints(TrainingArguments)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainingArguments)
-            if f.init and f.name not in _MOVED}
-
-
-_MOVED = {"output_dir": "the top-level key 'output_dir'",
-          "resume_from_checkpoint": "the top-level key 'resume'"}
-
-
-def _accepts(hint: Any, value: Any) -> bool:
-    """Whether a YAML value fits a type annotation; kinds of annotation not listed here pass."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_accepts(h, value) for h in args)
-    if hint is type(None):
-        return value is None
-    if origin is Literal:
-        return value in args
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return isinstance(value, (str, hint))
-    base = origin or hint
-    if base in (list, tuple, collections.abc.Sequence):
-        if not isinstance(value, (list, tuple)):
-            return False
-        return not args or all(_accepts(args[0], v) for v in value)
-    if base in (dict, collections.abc.Mapping):
-        return isinstance(value, dict)
-    return True
-
-
-_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", type(None): "null",
-          dict: "a mapping", list: "a list"}
-
-
-def _type_name(hint: Any) -> str:
-    """``int | None`` -> "an integer or null": what a YAML author needs to read."""
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        return " or ".join(dict.fromkeys(_type_name(h) for h in typing.get_args(hint)))
-    origin = typing.get_origin(hint) or hint
-    if origin is collections.abc.Sequence:
-        origin = list
-    return _WORDS.get(origin, getattr(origin, "__name__", str(origin)))
-
-
-def _unknown(name: str, key: str, keys: dict[str, Any], where: str) -> str:
-    """The known keys when there are few, the nearest ones when there are many (TrainingArguments)."""
-    if len(keys) <= 15:
-        return f"unknown key '{name}' in {where}; known keys: {', '.join(sorted(keys))}"
-    near = difflib.get_close_matches(key, keys, n=3)
-    hint = f"did you mean {' or '.join(repr(k) for k in near)}?" if near else "see the TrainingArguments fields"
-    return f"unknown key '{name}' in {where} ({hint})"
-
-
-def _coerce(hint: Any, value: Any) -> Any:
-    """YAML 1.1 reads ``2e-4`` (no dot) as a string: turn such text into a float where a float is meant."""
-    if isinstance(value, str) and _FLOAT_TEXT.match(value) and not _accepts(hint, value) \
-            and _accepts(hint, float(value)):
-        return float(value)
-    return value
-
-
-def _check_section(data: Any, keys: dict[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
-    """``data`` with every key known and every value of the right type, or a ConfigError naming it."""
-    where = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping (key: value lines), got {type(data).__name__}")
-    checked = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if prefix == "training." and key in _MOVED:
-            raise ConfigError(f"{source}: key '{name}' is set by {_MOVED[key]} instead")
-        if key not in keys:
-            raise ConfigError(f"{source}: {_unknown(name, key, keys, where)}")
-        value = _coerce(keys[key], value)
-        if not _accepts(keys[key], value):
-            raise ConfigError(f"{source}: key '{name}' must be {_type_name(keys[key])}, "
-                              f"got {type(value).__name__} {value!r}")
-        checked[key] = value
-    return checked
-
-
-def _check_values(cfg: TrainConfig) -> None:
-    """Checks beyond types: allowed words, positive sizes, LoRA arguments that ``lora_config`` accepts."""
-    from .lora import lora_config
+    from .formatting import MIN_LENGTH
     from .profiles import PROFILES
 
-    src = cfg.source
-    if cfg.profile is not None and cfg.profile not in ("auto", *PROFILES):
-        raise ConfigError(f"{src}: key 'profile' must be one of auto, {', '.join(PROFILES)}, got {cfg.profile!r}")
-    for key in ("pack_tokens", "max_length"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
-            raise ConfigError(f"{src}: key '{key}' must be a positive number of tokens, got {getattr(cfg, key)}")
-    data_file(cfg)
-    if not cfg.resume:
-        raise ConfigError(f"{src}: key 'resume' must be auto, never or a checkpoint directory, got an empty value")
+    text = Annotated[str, Field(min_length=1)]
+    tokens = Annotated[int, Field(ge=MIN_LENGTH)]
+    return {"profile": Literal[("auto", *PROFILES)] | None, "lora": dict | None, "training": dict | None,
+            "data": text | None, "output_dir": text | None, "adapter_dir": text | None, "resume": text,
+            "pack_tokens": tokens | None, "max_length": tokens | None}
+
+
+@functools.cache
+def top_schema():
+    """The top-level keys: ``TrainConfig``'s fields (one schema), with the limits above."""
+    from .validation import schema
+
+    hints = typing.get_type_hints(TrainConfig, include_extras=True)
+    keys = {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")}
+    return schema("config", keys, _top_limits())
+
+
+def parse_config(data: Any, source: str = "<config>", lines: dict[str, int] | None = None) -> TrainConfig:
+    """A validated ``TrainConfig`` from parsed YAML (``None``, from an empty file, means all defaults).
+
+    Checks types and ranges of every key, the LoRA arguments and the data file's existence; what needs the
+    profile or the disk is checked by :func:`preflight`."""
+    from .lora import lora_config
+    from .validation import lora_schema, run_length_problem, training_schema
+
+    lines = lines or {}
+    top = validate(top_schema(), {} if data is None else data, "", source, lines)
+    top["lora"] = validate(lora_schema(), top.get("lora"), "lora", source, lines)
+    top["training"] = validate(training_schema(), top.get("training"), "training", source, lines)
+    cfg = TrainConfig(**top, source=source, lines=lines)
     try:
         lora_config(**cfg.lora)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{src}: section 'lora': {e}") from None
-
-
-def parse_config(data: Any, source: str = "<config>") -> TrainConfig:
-    """A validated ``TrainConfig`` from parsed YAML (``None``, from an empty file, means all defaults)."""
-    top = _check_section({} if data is None else data, config_keys(), source)
-    top["lora"] = _check_section(top.get("lora") or {}, lora_keys(), source, "lora.")
-    top["training"] = _check_section(top.get("training") or {}, training_keys(), source, "training.")
-    cfg = TrainConfig(**top, source=source)
-    _check_values(cfg)
+        raise ConfigError(f"{cfg.where('lora.target_modules')}: section 'lora': {e}") from None
+    problem = run_length_problem(cfg.training)
+    if problem:
+        raise ConfigError(f"{cfg.where('training.' + problem[0])}: key 'training.{problem[0]}' {problem[1]}")
+    data_file(cfg)
     return cfg
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    """Read and validate a training YAML; every error names the file (and the key, where there is one)."""
-    import yaml
-
+    """Read and validate a training YAML; every error names the file, the line and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(data, str(path))
+    data, lines = read_yaml(path)
+    return parse_config(data, str(path), lines)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -281,13 +183,17 @@ def resolve_profile(cfg: TrainConfig):
     """The profile the config names, with its ``max_length`` / ``pack_tokens`` replaced where set."""
     from .profiles import select_profile
 
-    profile = select_profile(cfg.profile)
+    try:
+        profile = select_profile(cfg.profile)
+    except ValueError as e:  # GLMLORA_PROFILE set to an unknown name
+        raise ConfigError(f"{cfg.source}: {e}") from None
     changes = {k: getattr(cfg, k) for k in ("max_length", "pack_tokens") if getattr(cfg, k) is not None}
     if cfg.profile not in (None, "auto"):
         changes["reason"] = f"chosen in {cfg.source}"
     profile = dataclasses.replace(profile, **changes)
     if profile.max_length > profile.pack_tokens:
-        raise ConfigError(f"{cfg.source}: key 'max_length' ({profile.max_length}) must not exceed 'pack_tokens' "
+        key = "max_length" if cfg.max_length is not None else "pack_tokens"
+        raise ConfigError(f"{cfg.where(key)}: key 'max_length' ({profile.max_length}) must not exceed 'pack_tokens' "
                           f"({profile.pack_tokens}): a packed row must hold the longest example")
     return profile
 
@@ -304,21 +210,26 @@ def make_arguments(cfg: TrainConfig, profile: Any, output_dir: Path):
                  **cfg.training}
     try:
         return training_arguments(output_dir, **overrides)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{cfg.source}: section 'training': {e}") from None
+    except (ValueError, TypeError) as e:  # TrainingArguments' own checks across keys
+        raise ConfigError(f"{cfg.where('training')}: section 'training': {e}") from None
 
 
 def build_model(native: Path, cfg: TrainConfig, gradient_checkpointing: bool):
-    """Base model + LoRA as in lesson 05. No ``device_map``: under DDP/FSDP the Trainer places each rank's copy."""
+    """Base model + LoRA as in lesson 05. No ``device_map``: under DDP/FSDP the Trainer places each rank's copy
+    (a 4-bit base is placed on this rank's GPU while loading, as bitsandbytes quantises it there).
+
+    The weights load in the dtype that ``precision_flags`` trains with (bf16, or fp16 on GPUs without it)."""
     import torch
 
     from .chatglm3 import load_model
     from .fast import speed_up, training_attention
     from .lora import lora_config
-    from .training import add_lora
+    from .training import add_lora, training_dtype
 
     fast = torch.cuda.is_available() if cfg.speed_ups is None else cfg.speed_ups
-    model = load_model(native, attn_implementation=training_attention() if fast else "sdpa")
+    dtype = training_dtype()
+    model = load_model(native, dtype=dtype, load_in_4bit=cfg.load_in_4bit,
+                       attn_implementation=training_attention(dtype) if fast else "sdpa")
     model = add_lora(model, lora_config(**cfg.lora), gradient_checkpointing=gradient_checkpointing)
     if fast:
         speed_up(model)
@@ -326,14 +237,17 @@ def build_model(native: Path, cfg: TrainConfig, gradient_checkpointing: bool):
 
 
 def packed_datasets(profile: Any, tokenizer: Any, train_path: Path, val_path: Path):
-    """Lesson 05's features, packed into rows of ``profile.pack_tokens`` (the same on every rank)."""
+    """Lesson 05's features, packed into rows of ``profile.pack_tokens`` (the same on every rank), and the
+    reports of what the windows train: ``(train rows, val rows or None when empty, train report, val report)``."""
     from .data import load_records
     from .formatting import tokenize_records
     from .packing import PackedDataset
 
-    train, _ = tokenize_records(load_records(train_path), tokenizer, profile.max_length)
-    val, _ = tokenize_records(load_records(val_path), tokenizer, profile.max_length)
-    return PackedDataset(train, profile.pack_tokens, seed=42), PackedDataset(val, profile.pack_tokens)
+    train, train_report = tokenize_records(load_records(train_path), tokenizer, profile.max_length)
+    val_records = load_records(val_path) if val_path.stat().st_size else []  # empty: too few records to split
+    val, val_report = tokenize_records(val_records, tokenizer, profile.max_length)
+    val_rows = PackedDataset(val, profile.pack_tokens) if len(val) else None
+    return PackedDataset(train, profile.pack_tokens, seed=42), val_rows, train_report, val_report
 
 
 def data_file(cfg: TrainConfig) -> Path | None:
@@ -342,22 +256,70 @@ def data_file(cfg: TrainConfig) -> Path | None:
         return None
     path = Path(cfg.data).expanduser()
     if not path.is_file():
-        raise ConfigError(f"{cfg.source}: key 'data': no file {path} (a JSONL file of records, lesson 03's format)")
+        what = f"{path} is a directory, not a file" if path.is_dir() else f"no file {path}"
+        raise ConfigError(f"{cfg.where('data')}: key 'data': {what} (a JSONL file of records, lesson 03's format)")
     return path.resolve()
 
 
 def resume_checkpoint(cfg: TrainConfig, output_dir: Path) -> str | None:
-    """``resume``: auto = the newest checkpoint in ``output_dir`` if any; never = none; else that directory."""
-    from .training import last_checkpoint
+    """``resume``: auto = the newest complete checkpoint in ``output_dir`` if any (incomplete ones are named
+    and passed over); never = none; else that directory, which must be a complete checkpoint."""
+    from .training import checkpoint_problem, last_checkpoint
 
     if cfg.resume == "never":
         return None
     if cfg.resume == "auto":
         return last_checkpoint(output_dir)
-    if not (Path(cfg.resume) / "trainer_state.json").is_file():
-        raise ConfigError(f"{cfg.source}: key 'resume': {cfg.resume} is not a Trainer checkpoint directory "
-                          f"(no trainer_state.json); use auto, never or a checkpoint-N folder")
+    problem = checkpoint_problem(cfg.resume)
+    if problem is not None:
+        raise ConfigError(f"{cfg.where('resume')}: key 'resume': {cfg.resume} cannot be resumed from: {problem}; "
+                          f"use auto, never or a complete checkpoint-N folder")
     return cfg.resume
+
+
+#: Lesson 03's split of the data file (the same in glmlora.pipeline.ensure_splits).
+VAL_FRACTION, SPLIT_SEED = 0.1, 42
+
+
+@dataclass
+class DataPlan:
+    """What :func:`preflight` found in the data file, before anything was written."""
+
+    source: Path
+    records: int
+    train: int
+    val: int
+
+
+def adapter_path(cfg: TrainConfig, profile: Any) -> Path:
+    return Path(cfg.adapter_dir).expanduser() if cfg.adapter_dir else profile.adapter_dir
+
+
+def preflight(cfg: TrainConfig, profile: Any, output_dir: Path) -> DataPlan:
+    """Everything that can be checked before a model is downloaded, built, converted or loaded, and before
+    anything is written: the directories the run writes into, the ``report_to`` integrations, the checkpoint
+    named by ``resume``, and every record of the data (``DataError`` names file, line and field)."""
+    from .data import load_records, sample_data_path, split_records
+    from .validation import directory_problem, report_to_problem
+
+    for key, path in (("output_dir", output_dir), ("adapter_dir", adapter_path(cfg, profile))):
+        problem = directory_problem(path)
+        if problem:
+            default = "" if getattr(cfg, key) else " (the default, under GLMLORA_WORKDIR)"
+            raise ConfigError(f"{cfg.where(key)}: key '{key}'{default}: {problem}")
+    for name, path in (("GLMLORA_WORKDIR", profile.data_dir), ("GLMLORA_MODEL_CACHE", profile.model_dir)):
+        problem = directory_problem(path)
+        if problem:
+            raise ConfigError(f"{cfg.source}: {name}: {problem}")
+    problem = report_to_problem(cfg.training.get("report_to", "none"))
+    if problem:
+        raise ConfigError(f"{cfg.where('training.report_to')}: key 'training.report_to' {problem}")
+    if cfg.resume not in ("auto", "never"):
+        resume_checkpoint(cfg, output_dir)
+    source = data_file(cfg) or sample_data_path()
+    records = load_records(source)
+    train, val = split_records(records, VAL_FRACTION, SPLIT_SEED)
+    return DataPlan(source, len(records), len(train), len(val))
 
 
 def peak_memory() -> tuple[str, float]:
@@ -389,6 +351,7 @@ def make_trainer(cfg: TrainConfig, profile: Any, args: Any):
     """Lesson 05's Trainer: converted model + LoRA, packed rows, the tokenizer saved along with the adapter."""
     from transformers import Trainer, default_data_collator, set_seed
 
+    from .data import sample_data_path
     from .pipeline import ensure_native_model, ensure_splits
     from .tokenizer import load_tokenizer
 
@@ -396,13 +359,16 @@ def make_trainer(cfg: TrainConfig, profile: Any, args: Any):
     # (one shared file system, unless save_on_each_node says each machine has its own).
     with args.main_process_first(local=args.save_on_each_node, desc="model conversion and data split"):
         native = ensure_native_model(profile)
-        train_path, val_path = ensure_splits(profile, source=data_file(cfg))
+        train_path, val_path = ensure_splits(profile, data_file(cfg) or sample_data_path(), VAL_FRACTION,
+                                               SPLIT_SEED)
     tokenizer = load_tokenizer(native)
     # Trainer seeds only after the model exists; LoRA's A matrices are random, so seed before building them:
     # the same config then gives the same run, on one process or many.
     set_seed(args.seed)
     model = build_model(native, cfg, args.gradient_checkpointing)
-    train_ds, val_ds = packed_datasets(profile, tokenizer, train_path, val_path)
+    train_ds, val_ds, train_report, val_report = packed_datasets(profile, tokenizer, train_path, val_path)
+    if args.process_index == 0:
+        print(f"train data: {train_report}\nval data:   {val_report}", flush=True)
     return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                    data_collator=default_data_collator, processing_class=tokenizer)
 
@@ -476,18 +442,28 @@ def train_and_save(trainer: Any, result: RunResult, loss_image: Path) -> None:
 
 
 def run(cfg: TrainConfig) -> RunResult:
-    """Train as lesson 05 does, on however many processes were launched; returns what this rank saw."""
+    """Train as lesson 05 does, on however many processes were launched; returns what this rank saw.
+
+    Every check that needs no model runs first (:func:`preflight`): a bad config or record stops the run before
+    a model is downloaded, built, converted or loaded, and before anything is written."""
+    from .data import empty_validation_note
     from .profiles import show_banner
     from .training import loss_history, read_log_history
 
     profile = resolve_profile(cfg)
-    output_dir = Path(cfg.output_dir) if cfg.output_dir else profile.run_dir
+    output_dir = Path(cfg.output_dir).expanduser() if cfg.output_dir else profile.run_dir
+    plan = preflight(cfg, profile, output_dir)  # before anything is loaded or written
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if plan.val == 0:
+        cfg = dataclasses.replace(cfg, training={**cfg.training, "eval_strategy": "no"})
+        if main_rank:
+            print(empty_validation_note(plan.records, VAL_FRACTION), flush=True)
     checkpoint = resume_checkpoint(cfg, output_dir)
     args = make_arguments(cfg, profile, output_dir)
     rows = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     step = checkpoint_step(checkpoint)
     result = RunResult(profile.name, step, step, args.world_size, [], 0.0, rows * profile.pack_tokens,
-                       Path(cfg.adapter_dir) if cfg.adapter_dir else profile.adapter_dir, checkpoint,
+                       adapter_path(cfg, profile), checkpoint,
                        is_main=args.process_index == 0)
     if result.is_main:
         show_banner(profile)
@@ -504,7 +480,9 @@ def run(cfg: TrainConfig) -> RunResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line; exit status 2 for a config or data error (message on stderr), 0 after training."""
+    """The command line; exit status 2 for a config, data or model-directory error (one message on stderr, no
+    traceback), 0 after training."""
+    from .chatglm3 import ConversionError
     from .data import DataError
 
     parser = argparse.ArgumentParser(prog="python -m glmlora.train", description=__doc__.split("\n\n")[0])
@@ -518,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as e:  # the data file named by the config (or the bundled one) has bad records
         print(f"data error: {e}", file=sys.stderr)
+        return 2
+    except ConversionError as e:  # the model directory (a download, a converted copy) is broken
+        print(f"model error: {e}", file=sys.stderr)
         return 2
     if result.is_main:
         print(result.summary(), flush=True)

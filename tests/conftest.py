@@ -74,8 +74,9 @@ def private_workdir(path: Path) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def memorised(tmp_path_factory):
-    """glmlora.pipeline.memorise on the tiny profile: (merged model, tokenizer, records, log, conversations)."""
+def memorised_once(tmp_path_factory):
+    """glmlora.pipeline.memorise on the tiny profile, trained once: (merged model, tokenizer, records, log,
+    conversations). Never handed to a test: see ``memorised``."""
     from glmlora.data import to_messages
     from glmlora.pipeline import memorise
     from glmlora.profiles import select_profile
@@ -83,3 +84,16 @@ def memorised(tmp_path_factory):
     with private_workdir(tmp_path_factory.mktemp("memorise")):
         model, tok, records, log = memorise(select_profile("tiny"))
     return model, tok, records, log, [to_messages(r) for r in records]
+
+
+@pytest.fixture
+def memorised(memorised_once):
+    """A fresh copy of the memorised model for each test (0.9 M parameters: a copy takes milliseconds).
+
+    The decode loop changes the model it runs for good (grouped decode attention, fused q/k/v copies, cached
+    compiled steps and static caches), and merging or exporting changes weights: with one shared model every
+    later test would depend on what earlier tests did, and a "plain generate" reference would not be plain."""
+    import copy
+
+    model, *rest = memorised_once
+    return (copy.deepcopy(model), *rest)

@@ -84,6 +84,48 @@ def test_conversion_is_reused_and_partial_output_is_not(tiny_original, tmp_path)
     assert not convert_checkpoint(src, out, progress=False).reused
 
 
+def test_a_touched_source_is_reused_and_a_changed_one_replaces_only_its_own_files(tiny_original, tmp_path, capsys):
+    """Copying or touching a download changes time stamps, not contents: no reconversion. A real change converts
+    again, replacing the files the conversion wrote; what the user put next to them stays."""
+    import os
+
+    src = copy_checkpoint(tiny_original, tmp_path / "m")
+    out = tmp_path / "native"
+    convert_checkpoint(src, out, progress=False)
+    (out / "my_notes.md").write_text("mine")
+    converted = out / "model-00001-of-00002.safetensors"
+    before = converted.stat().st_mtime_ns
+    shard = src / "model-00001-of-00002.safetensors"
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # touch
+    assert convert_checkpoint(src, out, progress=False).reused
+    assert converted.stat().st_mtime_ns == before
+    assert convert_checkpoint(src, out, progress=False).reused  # the new time stamp was recorded
+
+    tensors = load_file(shard)
+    name = next(k for k in tensors if k.endswith("input_layernorm.weight"))
+    tensors[name] = tensors[name] + 1.0
+    save_file(tensors, shard)  # same size, other contents
+    capsys.readouterr()
+    assert not convert_checkpoint(src, out, progress=False).reused
+    assert "has changed since" in capsys.readouterr().out
+    assert (out / "my_notes.md").read_text() == "mine"
+    native = name.replace("transformer.encoder.layers", "model.layers")
+    merged = {k: v for f in out.glob("model-*.safetensors") for k, v in load_file(f).items()}
+    assert torch.equal(merged[native], tensors[name])
+    assert not (tmp_path / "native.partial").exists()
+
+
+def test_a_failed_conversion_leaves_no_partial_directory(tiny_original, tmp_path):
+    src = copy_checkpoint(tiny_original, tmp_path / "m")
+    second = src / "model-00002-of-00002.safetensors"
+    tensors = load_file(second)
+    tensors["transformer.unknown.weight"] = torch.zeros(1)
+    save_file(tensors, second)  # readable, so the conversion starts, writes shard 1, then fails on shard 2
+    with pytest.raises(ConversionError, match=f"{second}: unknown weight 'transformer.unknown.weight'"):
+        convert_checkpoint(src, tmp_path / "native", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 def test_bin_shards_convert_like_safetensors(tiny_original, tmp_path):
     src = tmp_path / "bin"
     src.mkdir()

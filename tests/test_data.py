@@ -92,3 +92,56 @@ def test_split_on_disk_is_remade_when_its_settings_change(tmp_path, monkeypatch)
     assert ensure_splits(profile, val_fraction=0.1) == (train, val) and len(load_records(val)) == n_val
     ensure_splits(profile, val_fraction=0.2)
     assert len(load_records(val)) > n_val
+
+
+def test_a_byte_order_mark_tabs_and_windows_line_ends_are_read(tmp_path):
+    """What Notepad and spreadsheets save: a UTF-8 BOM, CRLF line ends, raw tabs inside strings."""
+    path = tmp_path / "notepad.jsonl"
+    lines = ['{"input": "第一行\tTab", "output": "好的"}', '{"input": "b", "output": "c"}']
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8") + b"\r\n")
+    records = load_records(path)
+    assert records == [{"input": "第一行\tTab", "output": "好的"}, {"input": "b", "output": "c"}]
+    assert type(records[0]) is dict  # plain dicts, whatever the duplicate-key check used while parsing
+
+
+def test_the_split_follows_the_data_file_and_says_when_it_changed(tmp_path, monkeypatch, capsys):
+    from glmlora.pipeline import ensure_splits
+    from glmlora.profiles import select_profile
+
+    monkeypatch.setenv("GLMLORA_WORKDIR", str(tmp_path / "work"))
+    profile = select_profile("tiny")
+    source = tmp_path / "mine.jsonl"
+    rows = [{"input": f"问题 {i}", "output": f"回答 {i}"} for i in range(20)]
+    source.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    train, val = ensure_splits(profile, source)
+    assert len(load_records(train)) + len(load_records(val)) == 20
+    stamp = json.loads((profile.data_dir / "split.json").read_text())
+    capsys.readouterr()
+
+    # the same path, other contents (same size and one invalid record): validated again, not reused
+    rows[3] = {"input": f"问题 {3}", "ouput": f"回答 {3}"}
+    source.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"{source}:4: field 'ouput'"):
+        ensure_splits(profile, source)
+    assert "has changed since the split" in capsys.readouterr().out
+    assert json.loads((profile.data_dir / "split.json").read_text()) == stamp  # the old split is left as it was
+
+    rows = rows[:3] + rows[4:]
+    source.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    train, val = ensure_splits(profile, source)
+    assert len(load_records(train)) + len(load_records(val)) == 19
+    capsys.readouterr()
+    assert ensure_splits(profile, source) == (train, val) and capsys.readouterr().out == ""  # reused, silently
+
+
+def test_too_few_records_for_a_validation_split_is_said_not_hidden(tmp_path, monkeypatch, capsys):
+    from glmlora.pipeline import ensure_splits
+    from glmlora.profiles import select_profile
+
+    monkeypatch.setenv("GLMLORA_WORKDIR", str(tmp_path / "work"))
+    source = tmp_path / "five.jsonl"
+    source.write_text("".join(json.dumps({"input": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(5)))
+    train, val = ensure_splits(select_profile("tiny"), source)
+    assert len(load_records(train)) == 5 and val.read_text() == ""
+    assert "validation set empty: 5 record(s) are too few for a 10% validation split; evaluation is skipped" in \
+        capsys.readouterr().out

@@ -44,31 +44,27 @@ def test_an_empty_file_means_all_defaults(tmp_path):
     assert cfg.lora == {} and cfg.training == {} and cfg.resume == "auto"
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("lora:\n  rank: 4\n", "unknown key 'lora.rank' in section 'lora'; known keys: alpha, dropout, r, target_modules"),
-    ("epochs: 3\n", "unknown key 'epochs' in the top level"),
-    ("training:\n  learnin_rate: 0.1\n", "unknown key 'training.learnin_rate' in section 'training' "
-                                         "(did you mean 'learning_rate'?)"),
-    ("lora:\n  r: eight\n", "key 'lora.r' must be an integer, got str 'eight'"),
-    ("lora:\n  target_modules: q_proj\n", "key 'lora.target_modules' must be a list"),
-    ("pack_tokens: 1.5\n", "key 'pack_tokens' must be an integer or null, got float 1.5"),
-    ("training:\n  max_steps: many\n", "key 'training.max_steps' must be an integer, got str 'many'"),
-    ("training:\n  gradient_checkpointing: 1\n", "key 'training.gradient_checkpointing' must be true or false"),
-    ("training:\n  output_dir: x\n", "key 'training.output_dir' is set by the top-level key 'output_dir'"),
-    ("resume: 3\n", "key 'resume' must be text, got int 3"),
-    ("profile: huge\n", "key 'profile' must be one of auto, tiny, full, full-random"),
-    ("max_length: 0\n", "key 'max_length' must be a positive number of tokens"),
-    ("lora:\n  target_modules: [query_key_value]\n", "section 'lora': unknown target module(s) ['query_key_value']"),
-    ("- a\n- b\n", "the top level must be a mapping"),
-    ("lora: [1, 2]\n", "key 'lora' must be a mapping"),
-    ("lora: {r: 8\n", "not valid YAML"),
+@pytest.mark.parametrize("text, line, expected", [
+    ("lora:\n  r: 8\n  rank: 4\n", 3, "unknown key 'lora.rank' in section 'lora'; known keys: alpha, dropout, r"),
+    ("training:\n  num_train_epochs: 1\n  learnin_rate: 0.1\n", 3,
+     "unknown key 'training.learnin_rate' in section 'training' (did you mean 'learning_rate'?)"),
+    ("profile: tiny\n\npack_tokens: 1.5\n", 3, "key 'pack_tokens' must be a valid integer, got float 1.5"),
+    ("training:\n  save_steps: 0\n", 2,
+     "key 'training.save_steps' must be a whole number of steps >= 1, or a fraction"),
 ])
-def test_config_errors_name_the_file_and_the_key(tmp_path, text, expected):
+def test_config_errors_name_the_file_the_line_and_the_key(tmp_path, text, line, expected):
+    """More cases, through the command line, in test_bad_inputs.py."""
     path = write(tmp_path / "bad.yaml", text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert str(info.value).startswith(f"{path}: ")
-    assert expected in str(info.value)
+    assert str(info.value).startswith(f"{path}:{line}: ") and expected in str(info.value)
+
+
+def test_checkpoints_every_fraction_of_the_run_are_valid(tmp_path):
+    """Lesson 05 saves every quarter of the run (save_steps 0.25): fractions in (0, 1) stay valid."""
+    cfg = load_config(write(tmp_path / "q.yaml", "training:\n  save_steps: 0.25\n  eval_steps: 0.5\n"
+                                                  "  logging_steps: 10\n  max_steps: 8\n"))
+    assert cfg.training == {"save_steps": 0.25, "eval_steps": 0.5, "logging_steps": 10, "max_steps": 8}
 
 
 def test_a_missing_file_is_named(tmp_path):
@@ -84,7 +80,7 @@ def test_yaml_exponent_without_a_dot_is_read_as_a_float(tmp_path):
 def test_checks_that_need_the_profile_or_the_disk_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="f.yaml: key 'max_length' \\(2048\\) must not exceed 'pack_tokens'"):
         resolve_profile(parse_config({"profile": "tiny", "max_length": 2048, "pack_tokens": 1024}, "f.yaml"))
-    with pytest.raises(ConfigError, match="f.yaml: key 'resume': .* is not a Trainer checkpoint directory"):
+    with pytest.raises(ConfigError, match="f.yaml: key 'resume': .* cannot be resumed from: not a directory"):
         resume_checkpoint(parse_config({"resume": str(tmp_path / "gone")}, "f.yaml"), tmp_path)
     assert resume_checkpoint(parse_config({"resume": "never"}, "f.yaml"), tmp_path) is None
     assert resume_checkpoint(parse_config({}, "f.yaml"), tmp_path / "no-run-yet") is None
@@ -94,7 +90,14 @@ def test_the_command_line_reports_config_errors_with_exit_status_2(tmp_path, cap
     path = write(tmp_path / "bad.yaml", "lora:\n  alpha: high\n")
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert f"config error: {path}: key 'lora.alpha' must be an integer" in err
+    assert f"config error: {path}:2: key 'lora.alpha' must be a valid integer, got str 'high'" in err
+
+
+def test_the_documented_default_config_names_only_what_the_loader_reads():
+    """The data format in the comments: lesson 03's fields (system, input, output, or messages); no `history`,
+    which the loader rejects (with a hint to write messages)."""
+    text = (REPO / "configs" / "train_default.yaml").read_text(encoding="utf-8")
+    assert "history" not in text and "messages" in text
 
 
 def test_training_section_may_change_every_default(tmp_path):
@@ -257,10 +260,11 @@ def model_cache(tmp_path_factory) -> Path:
 def small_config(workdir: Path, max_steps: int) -> Path:
     return write(workdir / "train.yaml", yaml.safe_dump({
         "profile": "tiny",
-        "training": {"max_steps": max_steps, "save_steps": 2, "logging_steps": 1, "disable_tqdm": True}}))
+        "training": {"max_steps": max_steps, "save_steps": 2, "logging_steps": 1, "disable_tqdm": True,
+                     "eval_strategy": "no"}}))
 
 
-def launch(command: list[str], workdir: Path, model_cache: Path) -> str:
+def launch(command: list[str], workdir: Path, model_cache: Path, status: int = 0) -> str:
     """Run a launcher in a child process with a private work directory; its output, or a failure showing it."""
     env = {k: v for k, v in os.environ.items() if k not in RUN_KEYS and not k.startswith(("ACCELERATE_", "FSDP_"))}
     # One thread per process: no oversubscribed cores under torchrun, and the same arithmetic under every launcher.
@@ -268,7 +272,7 @@ def launch(command: list[str], workdir: Path, model_cache: Path) -> str:
                PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
+    assert done.returncode == status, output[-4000:]
     return output
 
 
@@ -298,40 +302,111 @@ def adapter_weights(workdir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def python_m_run(tmp_path_factory, model_cache) -> tuple[Path, list[str], str, dict]:
-    """``python -m glmlora.train`` for 2 steps: (work dir, command, output, adapter weights)."""
+    """``python -m glmlora.train`` for 4 steps, checkpoints at 2 and 4: (work dir, command, output, adapter weights)."""
     workdir = tmp_path_factory.mktemp("python-m")
-    command = [sys.executable, "-m", "glmlora.train", "--config", str(small_config(workdir, 2))]
+    command = [sys.executable, "-m", "glmlora.train", "--config", str(small_config(workdir, 4))]
     output = launch(command, workdir, model_cache)
     return workdir, command, output, adapter_weights(workdir)
 
 
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(t, b[k]) for k, t in a.items())
+
+
 def test_python_m_trains_and_writes_adapter_and_loss_curve(python_m_run, model_cache):
     workdir, command, output, weights = python_m_run
-    assert_trained(workdir, output, steps=2)
+    assert_trained(workdir, output, steps=4)
     assert "resuming" not in output
+    # the bundled data has dialogues longer than the tiny profile's 512 tokens: windows train every reply token
+    coverage = re.search(r"train data: (\d+) examples in -> (\d+) windows \((\d+) long dialogues split\); "
+                         r"reply tokens trained ([\d,]+) / ([\d,]+) \(100\.0 %\); 0 turns truncated", output)
+    assert coverage and int(coverage[2]) > int(coverage[1]) and coverage[4] == coverage[5], output[-3000:]
 
     output = launch(command, workdir, model_cache)  # the same command again: the run is finished
-    assert "is already at step 2 (max_steps 2): nothing to train" in output
-    assert not (workdir / "runs" / "tiny" / "checkpoint-3").exists()
-    assert adapter_weights(workdir).keys() == weights.keys()
-    assert all(torch.equal(t, weights[k]) for k, t in adapter_weights(workdir).items())
+    assert "is already at step 4 (max_steps 4): nothing to train" in output
+    assert not (workdir / "runs" / "tiny" / "checkpoint-5").exists()
+    assert same_weights(adapter_weights(workdir), weights)
 
 
 def test_accelerate_launch_trains_and_a_second_run_resumes(tmp_path, model_cache, python_m_run):
-    output = launch(accelerate_cpu(small_config(tmp_path, 2)), tmp_path, model_cache)
-    assert_trained(tmp_path, output, steps=2)
-    reference = python_m_run[3]  # the launcher changes nothing: the same seed gives the same adapter
-    assert all(torch.equal(t, reference[k]) for k, t in adapter_weights(tmp_path).items())
-    checkpoint = tmp_path / "runs" / "tiny" / "checkpoint-2"
+    output = launch(accelerate_cpu(small_config(tmp_path, 4)), tmp_path, model_cache)
+    assert_trained(tmp_path, output, steps=4)
+    assert same_weights(adapter_weights(tmp_path), python_m_run[3])  # the launcher changes nothing: same adapter
+    checkpoint = tmp_path / "runs" / "tiny" / "checkpoint-4"
     assert checkpoint.is_dir()
 
-    output = launch(accelerate_cpu(small_config(tmp_path, 4)), tmp_path, model_cache)  # resume: auto
+    output = launch(accelerate_cpu(small_config(tmp_path, 6)), tmp_path, model_cache)  # resume: auto
     assert f"resuming from {checkpoint}" in output
+    assert "6 steps, resumed at step 4" in output
+    assert_trained(tmp_path, output, steps=6)
+    state = json.loads((tmp_path / "runs" / "tiny" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5, 6]  # the log goes on
+
+
+#: ``python -m glmlora.train`` that is killed (SIGKILL) while writing checkpoint-4: the adapter is saved, the
+#: optimizer state half written, no trainer state yet — what a power cut or an out-of-memory kill leaves.
+KILLED_WHILE_SAVING = """
+import os, signal, sys
+from transformers import Trainer
+
+save = Trainer._save_optimizer_and_scheduler
+
+def save_and_die(self, output_dir):
+    save(self, output_dir)
+    if self.state.global_step == 4:
+        path = os.path.join(output_dir, "optimizer.pt")
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Trainer._save_optimizer_and_scheduler = save_and_die
+from glmlora.train import main
+sys.exit(main(["--config", sys.argv[1]]))
+"""
+
+
+def test_a_kill_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path, model_cache, python_m_run):
+    """resume: auto passes over the half-written checkpoint-4, continues from checkpoint-2, and ends with exactly
+    the adapter of the uninterrupted run of the same 4 steps."""
+    config = small_config(tmp_path, 4)
+    launch([sys.executable, "-c", KILLED_WHILE_SAVING, str(config)], tmp_path, model_cache, status=-9)
+    broken = tmp_path / "runs" / "tiny" / "checkpoint-4"
+    assert (broken / "adapter_model.safetensors").is_file() and not (broken / "trainer_state.json").exists()
+    assert not (tmp_path / "adapters" / "tiny").exists()
+
+    output = launch([sys.executable, "-m", "glmlora.train", "--config", str(config)], tmp_path, model_cache)
+    assert f"skipping {broken}: no trainer_state.json" in output
+    assert f"resuming from {tmp_path / 'runs' / 'tiny' / 'checkpoint-2'}" in output
     assert "4 steps, resumed at step 2" in output
-    assert_trained(tmp_path, output, steps=4)
-    state = json.loads((tmp_path / "runs" / "tiny" / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
-    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]  # the first run's log goes on
+    assert same_weights(adapter_weights(tmp_path), python_m_run[3])  # bit-identical to the uninterrupted run
+
+
+def test_a_bad_config_stops_the_real_command_with_one_line_and_no_traceback(tmp_path, model_cache):
+    config = write(tmp_path / "bad.yaml", "profile: tiny\ntraining:\n  learning_rate: -1.0e-4\n")
+    output = launch([sys.executable, "-m", "glmlora.train", "--config", str(config)], tmp_path / "work",
+                    model_cache, status=2)
+    assert output.strip() == f"config error: {config}:3: key 'training.learning_rate' must be greater than 0, " \
+                             f"got float -0.0001"
+    work = tmp_path / "work"
+    assert not work.exists() or list(work.rglob("*")) == []  # no split, run or adapter
+
+
+def test_a_data_set_too_small_to_split_trains_without_evaluation(tmp_path, monkeypatch, capsys):
+    """Five records leave the 10 % validation set empty: said, and evaluation switched off (instead of a crash
+    in the evaluation loop after training)."""
+    import glmlora.train as train
+
+    data = tmp_path / "five.jsonl"
+    data.write_text("".join(json.dumps({"input": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(5)))
+    monkeypatch.setenv("GLMLORA_WORKDIR", str(tmp_path / "work"))
+    seen = {}
+    monkeypatch.setattr(train, "make_trainer", lambda cfg, profile, args: seen.setdefault("args", args))
+    monkeypatch.setattr(train, "train_and_save", lambda trainer, result, image: None)
+    train.run(parse_config({"profile": "tiny", "data": str(data)}, "f.yaml"))
+    assert seen["args"].eval_strategy == "no"
+    assert "validation set empty: 5 record(s) are too few for a 10% validation split; evaluation is skipped" in \
+        capsys.readouterr().out
 
 
 def test_torchrun_two_processes_train_one_adapter(tmp_path, model_cache):

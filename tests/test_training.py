@@ -11,8 +11,8 @@ from glmlora.data import load_records, sample_data_path
 from glmlora.formatting import IGNORE, tokenize_records
 from glmlora.generate import GenerationSettings, chat
 from glmlora.lora import lora_config
-from glmlora.training import (add_lora, collator, last_checkpoint, loss_history, plot_loss, read_log_history,
-                              trainable_summary, training_arguments)
+from glmlora.training import (add_lora, collator, last_checkpoint, loss_history, plot_loss, precision_flags,
+                              read_log_history, trainable_summary, training_arguments)
 
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=96)
 
@@ -59,7 +59,10 @@ def test_training_arguments_defaults_and_overrides(tmp_path):
     args = training_arguments(tmp_path, num_train_epochs=1)
     assert args.gradient_checkpointing and args.train_sampling_strategy == "random"
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (1, 1, 1)
-    assert not args.fp16 and not args.bf16  # no GPU here: full precision on CPU
+    # full precision on CPU; on CUDA what the card supports (bf16, else fp16 AMP): the same rule as lesson 05
+    assert (args.bf16, args.fp16) == (precision_flags()["bf16"], precision_flags()["fp16"])
+    if not torch.cuda.is_available():
+        assert not args.fp16 and not args.bf16
     assert args.report_to in ([], "none", ["none"]) or not args.report_to
 
 
