@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ChatGLM3Tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
     "ConversionError": "chatglm3", "convert_checkpoint": "chatglm3", "ensure_native": "chatglm3",
-    "export_original": "chatglm3", "load": "chatglm3", "load_model": "chatglm3",
+    "export_original": "export", "load": "chatglm3", "load_model": "chatglm3",
 }
 __all__ = sorted(_EXPORTS)
 
