@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import threading
 
-from glmlora.chatbox import DISCLAIMER, ChatBox, ChatSession, render_transcript
-from glmlora.generate import GenerationSettings
+import pytest
+import torch
+
+from glmlora.chatbox import (DISCLAIMER, SETTLE_SECONDS, STOPPED, STREAMING, TRANSCRIPT_HEIGHT, ChatBox,
+                             ChatSession, render_transcript)
+from glmlora.generate import GenerationSettings, stream_chat
 
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=64)
 
@@ -48,6 +53,145 @@ def test_chat_box_buttons(memorised):
 def test_transcript_escapes_html():
     html = render_transcript([("<b>hi</b>", "ok")], pending=("next", ""))
     assert "&lt;b&gt;hi&lt;/b&gt;" in html and "…" in html
+
+
+def test_transcript_has_a_fixed_height_and_is_anchored_at_the_newest_message():
+    html = render_transcript([("a", "b"), ("c", "d")])
+    assert f"height:{TRANSCRIPT_HEIGHT}" in html and "overflow-y:auto" in html
+    assert "flex-direction:column-reverse" in html  # the browser keeps such a box scrolled to its end
+    assert html.index(">a<") < html.index(">c<")  # oldest first in reading order
+    assert html.count('class="glmlora-user"') == 2 and html.count('class="glmlora-reply"') == 2
+    assert 'class="glmlora-user"' not in render_transcript([])
+
+
+class OnCpu:
+    """Enough of a model for the box: it only asks where the model is."""
+    device = torch.device("cpu")
+
+
+def fake_box(stream, **kwargs) -> ChatBox:
+    return ChatBox(ChatSession(OnCpu(), None, stream=stream), **kwargs)
+
+
+def test_every_part_carries_its_css_class():
+    box = fake_box(lambda *_: iter(()))
+    parts = {box.widget: "glmlora-chatbox", box.transcript: "glmlora-transcript", box.input: "glmlora-input",
+             box.send_button: "glmlora-send", box.clear_button: "glmlora-clear", box.stop_button: "glmlora-stop",
+             box.status: "glmlora-status", box.widget.children[-1]: "glmlora-memorised"}
+    for widget, css in parts.items():
+        assert css in widget._dom_classes, css
+
+
+def test_the_input_row_is_locked_while_a_reply_streams():
+    seen, statuses = [], []
+
+    def stream(*_):
+        for piece in ["one ", "two"]:
+            statuses.append(box.status.value)
+            seen.append((box.input.disabled, box.send_button.disabled, box.clear_button.disabled,
+                         box.stop_button.disabled))
+            box.input.value = "typed while streaming"
+            box.input._handle_custom_msg({"event": "submit"}, [])  # Enter: ignored while busy
+            yield piece
+
+    box = fake_box(stream)
+    box.input.value = "hello"
+    box.input._handle_custom_msg({"event": "submit"}, [])  # Enter sends, like the Send button
+    assert seen == [(True, True, True, False)] * 2
+    assert statuses == ["<i>thinking…</i>", STREAMING] and box.status.value == ""
+    assert box.session.exchanges == [("hello", "one two")]
+    assert (box.input.disabled, box.send_button.disabled, box.clear_button.disabled, box.stop_button.disabled) \
+        == (False, False, False, True)
+
+
+def test_an_error_is_shown_in_the_box_and_the_row_comes_back():
+    def stream(*_):
+        yield "half a rep"
+        raise RuntimeError("CUDA out of memory")
+
+    box = fake_box(stream)
+    box.input.value = "hello"
+    box.send_button.click()  # a click must not raise: the error goes to the status line
+    assert "Error: RuntimeError: CUDA out of memory" in box.status.value
+    assert not box.input.disabled and not box.send_button.disabled and box.stop_button.disabled
+    assert box.input.value == "hello" and box.session.history == []  # the text is back for another try
+    assert "half a rep" not in box.transcript.value
+    with pytest.raises(RuntimeError, match="out of memory"):  # code that calls send() sees the error
+        box.send()
+    assert not box.busy and not box.input.disabled
+
+
+def test_stop_ends_the_reply_and_keeps_what_was_shown():
+    made, closed, at_stop = [], [], []
+
+    def endless(*_):
+        try:
+            while True:
+                made.append(len(made))
+                yield f"w{len(made)} "
+        finally:
+            closed.append(True)
+
+    async def scenario() -> None:
+        box.input.value = "talk forever"
+        box.send_button.click()  # in a kernel there is a running loop: the reply streams in a task
+        assert box._task is not None
+        while len(made) < 5:
+            await asyncio.sleep(0.001)
+        assert box.input.disabled and not box.stop_button.disabled
+        at_stop.append(len(made))
+        box.stop_button.click()  # handled between two pieces, as the kernel would
+        await box._task
+
+    box = fake_box(endless)
+    asyncio.run(scenario())
+    assert closed and len(made) <= at_stop[0] + 1  # at most the piece under way when Stop came
+    (question, partial), = box.session.exchanges
+    assert question == "talk forever" and partial == "".join(f"w{i + 1} " for i in range(len(made)))
+    assert box.status.value == STOPPED and not box.busy
+    assert not box.input.disabled and not box.send_button.disabled and box.stop_button.disabled
+    assert partial.strip() in box.transcript.value  # what the learner saw is what the model will see
+
+
+def test_send_waits_for_the_last_keystrokes():
+    sent = []
+
+    def stream(model, tokenizer, text, *_):
+        sent.append(text)
+        yield "ok"
+
+    async def scenario() -> None:
+        box.input.value = "Q"  # all the kernel has of the typing when the click arrives
+        box.send_button.click()
+        await asyncio.sleep(SETTLE_SECONDS / 2)
+        box.input.value = "Quick tip to calm down?"  # the rest of the keystrokes, arriving late
+        box.input._handle_custom_msg({"event": "submit"}, [])  # Enter pressed as well: still one message
+        await box._task
+
+    box = fake_box(stream)
+    asyncio.run(scenario())
+    assert sent == ["Quick tip to calm down?"] and box.session.exchanges == [("Quick tip to calm down?", "ok")]
+
+
+def test_closing_a_stream_stops_the_generate_thread(memorised):
+    model, tok, records, *_ = memorised
+    rec = next(r for r in records if not r.get("system"))
+    settings = GenerationSettings(do_sample=False, max_new_tokens=64)
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        full = list(stream_chat(model, tok, rec["input"], settings=settings, fast=False))
+        full_calls, calls[:] = len(calls), []
+        threads = threading.active_count()
+        stream = stream_chat(model, tok, rec["input"], settings=settings, fast=False)
+        first = next(stream)
+        stream.close()
+        stopped_calls = len(calls)
+    finally:
+        hook.remove()
+    assert len(full) > 3 and first == full[0]
+    assert stopped_calls < full_calls - 2  # generate ended at the next token, not at the end of the reply
+    assert threading.active_count() == threads  # the worker thread is gone
 
 
 def test_chat_box_warns_that_the_first_gpu_reply_compiles(memorised):
