@@ -6,16 +6,19 @@
 #   chat       benchmarks/chat_bench.py (decode speed, batched generation)
 #   scaling    benchmarks/multi_gpu_bench.py: 1 GPU vs DDP vs FSDP on ${GPUS:-2} GPUs (the first of
 #              CUDA_VISIBLE_DEVICES); results in $OUT/${SCALING_JSON:-multi_gpu_bench.json}
-#   notebooks  notebooks 04-07 (or $NOTEBOOKS) under nbval with GLMLORA_PROFILE=full-random, time and peak
-#              memory each; notebook 07's numbers (evaluation.json) come back in $OUT
-# Wheels the machine lacks travel in .whl/, extra benchmark data in .gpu/data/ (both git-ignored).
+#   notebooks  notebooks/zh/04-07 (or $NOTEBOOKS, paths) under nbval with GLMLORA_PROFILE=full-random, time and
+#              peak memory each; notebook 07's numbers (evaluation.json) come back in $OUT
+# Issue 13's stages (kernels per card, fp16, QLoRA, card memory caps, first reply): benchmarks/gpu_issue13.sh
+# Wheels the machine lacks travel in .whl/ (or the folder named by WHEELS), extra benchmark data in .gpu/data/ (both
+# git-ignored). GLMLORA_CAP_GIB=23.2 caps the notebooks' kernels at that much GPU memory (an emulated card:
+# benchmarks/emulate/sitecustomize.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GLMLORA_WORKDIR=${GLMLORA_WORKDIR:-/tmp/glmlora-work} GLMLORA_MODEL_CACHE=/tmp/models
 MODEL=$GLMLORA_MODEL_CACHE/chatglm3-6b-random
 if [ ! -d /tmp/site ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"
@@ -33,10 +36,13 @@ from glmlora.profiles import select_profile as s; print('model:', e(s()))" 2>&1 
     chat) python3 benchmarks/chat_bench.py --model "$MODEL" --json "$OUT/${CHAT_JSON:-chat_bench.json}" ${CHAT_ARGS:-} 2>&1 | grep -v "it/s\]" ;;
     notebooks)
       python3 -m ipykernel install --prefix /tmp/kernel --name python3 >/dev/null && export JUPYTER_PATH=/tmp/kernel/share/jupyter
-      for nb in ${NOTEBOOKS:-notebooks/0[4-7]*.ipynb}; do
+      [ -n "${GLMLORA_CAP_GIB:-}" ] && export PYTHONPATH=$PWD/benchmarks/emulate:$PYTHONPATH
+      for nb in ${NOTEBOOKS:-notebooks/zh/0[4-7]*.ipynb}; do
         nvidia-smi -i "$GPU" --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > /tmp/mem.log & SMI=$!
         start=$(date +%s)
-        (cd notebooks && GLMLORA_PROFILE=full-random python3 -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env "$(basename "$nb")" 2>&1 | tail -3)
+        log="$OUT/nbval_$(basename "$(dirname "$nb")")_$(basename "$nb" .ipynb).log"
+        (cd "$(dirname "$nb")" && GLMLORA_PROFILE=${NB_PROFILE:-full-random} timeout "${NB_TIMEOUT:-400}" python3 -m pytest -q \
+          -p no:cacheprovider --nbval-lax --nbval-current-env "$(basename "$nb")" > "$log" 2>&1; tail -3 "$log")
         kill $SMI; peak=$(sort -n /tmp/mem.log | tail -1)
         echo "NOTEBOOK $(basename "$nb") $(( $(date +%s) - start )) s, peak GPU memory used ${peak} MiB (nvidia-smi)"
       done

@@ -7,9 +7,11 @@ Every run is `glmlora.train` with the same YAML except the launcher: `python -m`
 `accelerate launch --config_file configs/accelerate_ddp.yaml` and `configs/accelerate_fsdp.yaml` with N processes.
 Each optimizer step sees the same rows in every run (``--rows``, by default the largest N: the one-GPU run
 accumulates that many micro-batches, N cards take rows/N each), so the losses after the same steps are
-comparable. Speed is the `SUMMARY train:` line's "after warm-up" figure (first 3 steps, evaluation and saving
-left out); peak memory is the largest rank's `torch.cuda.max_memory_allocated`. Profile: full-random
-(GLMLORA_MODEL_CACHE decides where it is built).
+comparable. Speed is the `SUMMARY train:` line's "after warm-up" figure (the first `glmlora.train.WARMUP_STEPS` = 3
+optimizer steps, evaluation and saving left out, the rule every benchmark here uses); it counts packed-row
+CAPACITY — rows x pack_tokens per step, the padding at the end of each row included (packing fills rows to ~99 %,
+so real tokens/s is about 1 % lower) — not real tokens as `train_bench.py` does. Peak memory is the largest rank's
+`torch.cuda.max_memory_allocated`. Profile: full-random (GLMLORA_MODEL_CACHE decides where it is built).
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def run_one(name: str, kind: str, n: int, args: argparse.Namespace, speed_ups: b
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["gpus"] == 1 and "tokens_per_second" in r), None)
-    lines = ["| run | GPUs | tokens/s after warm-up | speed-up | efficiency | peak GiB (largest card) | "
+    lines = ["| run | GPUs | row tokens/s after warm-up (capacity, padding included) | speed-up | efficiency | "
+             "peak GiB (largest card) | "
              "peak vs 1 GPU | loss first -> last | last loss vs 1 GPU |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "tokens_per_second" not in r:

@@ -6,12 +6,19 @@
 (``--size tiny`` builds the tiny model instead, for a CPU smoke run). Every variant trains the same LoRA
 (r 8, alpha 32, dropout 0.1 on the attention q/k/v) for the same number of optimizer steps on the same
 records, and the script prints one table: real (non-pad) tokens/s, samples/s, step time, peak memory,
-useful MFU = 4 x parameters x real tokens/s / the bf16 matmul rate measured in this run, and the loss at
-the first and last step.
+MFU = 4 x parameters x real tokens/s over the bf16 matmul rate measured in this run ("useful MFU") and over the
+card's specification peak, and the loss at the first and last step. The first ``glmlora.train.WARMUP_STEPS`` (3)
+optimizer steps are left out of every speed, as in ``glmlora.train`` and ``multi_gpu_bench.py``.
+
+When variant a is among the variants, every variant trains on the single-turn records only: the original
+``process_func`` reads ``system`` / ``input`` / ``output`` and has no way to take a multi-turn dialogue.
 
 Variants:
-  a  the original recipe: fp16 weights, no AMP flags, text-built prompts padded to 512, bs 4 x GA 2,
-     gradient checkpointing, lr 1e-4
+  a  the original recipe as ``../shared/seed/`` writes it: its ``process_func`` (its system sentence, role markers as
+     text, the record's system glued to the input, instruction and reply truncated separately, eos appended, every
+     sample padded to 512, labels masked by comparing with the pad id), NO attention mask passed, fp16 weights, no
+     AMP flags, bs 4 x GA 2, gradient checkpointing, lr 1e-4 — run on the converted native model (the original's
+     remote code does not load on transformers 5), with ``enable_input_require_grads`` (which its prose asks for)
   b  first step: bf16, packed rows of 4,096 tokens (bs 1 x GA 1), all Liger kernels, SDPA, eager, lr 2e-4
   c  diagnostic: bf16 with AMP, dynamic padding, bs 4 x GA 2 (the "naive" run that was slower than (a))
   d  (b) with every decoder layer torch.compile'd (Liger only for the loss head)
@@ -36,13 +43,26 @@ sys.path.insert(0, str(ROOT))
 
 from glmlora import load_model, load_tokenizer  # noqa: E402
 from glmlora.chatglm3 import count_parameters, ensure_native  # noqa: E402
-from glmlora.data import load_records, sample_data_path, to_messages  # noqa: E402
+from glmlora.data import load_records, sample_data_path  # noqa: E402
 from glmlora.fast import apply_liger, compile_layers, speed_up, training_attention  # noqa: E402
 from glmlora.formatting import tokenize_records  # noqa: E402
 from glmlora.lora import lora_config  # noqa: E402
 from glmlora.packing import PackedDataset  # noqa: E402
 from glmlora.tiny import build_full_random, build_tiny  # noqa: E402
+from glmlora.train import WARMUP_STEPS  # noqa: E402
 from glmlora.training import add_lora, collator, training_arguments  # noqa: E402
+
+#: The system sentence of the original tutorial's process_func (../shared/seed/000_*.txt).
+ORIGINAL_SYSTEM = ("Now you are a psychological expert, I have some psychological problems, please help me solve "
+                   "them with your professional knowledge.")
+#: Dense bf16 (= fp16) tensor-core peak by the vendors' specifications, TFLOP/s, for "MFU vs spec".
+SPEC_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+               "A100": 312.0, "RTX 4090": 165.2, "RTX 3090": 71.0, "A10G": 70.0, "L4": 121.0}
+
+
+def spec_tflops(card: str) -> float:
+    """The card's specification peak (dense bf16), or NaN for a card not in :data:`SPEC_TFLOPS`."""
+    return next((v for k, v in SPEC_TFLOPS.items() if k in card), float("nan"))
 
 
 def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
@@ -60,19 +80,35 @@ def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def original_features(record: dict, tokenizer, max_length: int = 512) -> dict:
-    """The original tutorial's process_func, re-created: text-built prompt, pad id as the end, pad to 512."""
-    msgs = to_messages(record)
-    system = " ".join(m["content"] for m in msgs if m["role"] == "system")
-    user = "\n".join(m["content"] for m in msgs[:-1] if m["role"] != "system")
-    prompt = f"<|system|>\nYou are a counsellor.\n<|user|>\n{system}{user}<|assistant|>\n"
-    instruction = tokenizer.encode(prompt, add_special_tokens=False)
-    response = tokenizer.encode(msgs[-1]["content"], add_special_tokens=False) + [tokenizer.pad_token_id]
-    ids = (instruction + response)[:max_length]
-    labels = ([-100] * len(instruction) + response)[:max_length]
-    pad = max_length - len(ids)
-    return {"input_ids": ids + [0] * pad, "attention_mask": [1] * len(ids) + [0] * pad,
-            "labels": labels + [-100] * pad}
+def original_process_func(example: dict, tokenizer, MAX_LENGTH: int = 512) -> dict:  # noqa: N803 - as in the original
+    """The original tutorial's ``process_func``, line for line (only ``tokenizer`` became an argument)."""
+    input_ids, labels = [], []
+    instruction = tokenizer.encode(text="\n".join(["<|system|>", ORIGINAL_SYSTEM, "<|user|>",
+                                                   example["system"] + example["input"] + "<|assistant|>"]).strip()
+                                   + "\n", add_special_tokens=True, truncation=True, max_length=MAX_LENGTH)
+    response = tokenizer.encode(text=example["output"], add_special_tokens=False, truncation=True,
+                                max_length=MAX_LENGTH)
+    input_ids = instruction + response + [tokenizer.eos_token_id]
+    labels = [tokenizer.pad_token_id] * len(instruction) + response + [tokenizer.eos_token_id]
+    pad_len = MAX_LENGTH - len(input_ids)
+    input_ids += [tokenizer.pad_token_id] * pad_len
+    labels += [tokenizer.pad_token_id] * pad_len
+    labels = [(l if l != tokenizer.pad_token_id else -100) for l in labels]  # noqa: E741
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def original_dataset(records: list, tokenizer):
+    """The original's features for the single-turn records. A sample longer than 512 (instruction and reply are
+    truncated separately, so up to 1,025 tokens) cannot be batched by the original's collator (``padding=False``):
+    such samples are counted and left out, with a printed line."""
+    from datasets import Dataset
+
+    feats = [original_process_func({"system": r.get("system", ""), **r}, tokenizer) for r in records]
+    fitting = [f for f in feats if len(f["input_ids"]) == 512]
+    if len(fitting) < len(feats):
+        print(f"(a) {len(feats) - len(fitting)} of {len(feats)} samples are longer than 512 tokens: the original's "
+              f"collator (padding=False) cannot batch them, so they are left out", flush=True)
+    return Dataset.from_list(fitting)
 
 
 class Meter(TrainerCallback):
@@ -102,6 +138,10 @@ class Meter(TrainerCallback):
         return counted
 
 
+def card_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+
 def run_variant(name: str, native: Path, records: list, args: argparse.Namespace, peak_tflops: float,
                 n_params: int) -> dict:
     tok = load_tokenizer(native)
@@ -109,20 +149,20 @@ def run_variant(name: str, native: Path, records: list, args: argparse.Namespace
     common = dict(max_steps=args.warmup + args.steps, logging_steps=1, save_strategy="no", disable_tqdm=True,
                   warmup_steps=0, seed=0, dataloader_num_workers=0)
     meter = Meter()
-    if name == "a":
+    if name == "a":  # the original's loading, LoRA, collator and TrainingArguments
         model = load_model(native, dtype=torch.float16, device_map=args.device)
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_config())
-        from datasets import Dataset
-
-        ds = Dataset.from_list([original_features(r, tok) for r in records])
+        ds = original_dataset(records, tok)
         targs = training_arguments(out, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                                    learning_rate=1e-4, bf16=False, fp16=False, lr_scheduler_type="linear",
                                    train_sampling_strategy="random", **common)
-        collate = meter.wrap(DataCollatorForSeq2Seq(tok, padding=True), lambda b: b["input_ids"].shape[0])
+        collate = meter.wrap(DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100,
+                                                    pad_to_multiple_of=None, padding=False),
+                             lambda b: b["input_ids"].shape[0])
         per_step = 2
     elif name in ("b", "d", "e"):
         attn = training_attention() if name == "e" else "sdpa"
@@ -165,6 +205,7 @@ def run_variant(name: str, native: Path, records: list, args: argparse.Namespace
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / gib if torch.cuda.is_available() else float("nan"),
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / gib if torch.cuda.is_available() else float("nan"),
         "useful_mfu": 4 * n_params * tokens / seconds / (peak_tflops * 1e12),
+        "spec_mfu": 4 * n_params * tokens / seconds / (spec_tflops(card_name()) * 1e12),
         "loss_first": losses[0], "loss_last": losses[-1], "tokens_per_step": tokens / args.steps,
     }
     del trainer, model, ds
@@ -180,7 +221,8 @@ def main() -> int:
     p.add_argument("--size", choices=["full", "tiny"], default="full")
     p.add_argument("--data", type=Path, nargs="*", default=[], help="extra JSONL record files (real lengths)")
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="optimizer steps left out of the speed "
+                   "(default: glmlora.train's WARMUP_STEPS, the same rule everywhere)")
     p.add_argument("--pack-tokens", type=int, default=4096)
     p.add_argument("--variants", default="a,e")
     p.add_argument("--work", default="/tmp/glmlora-bench")
@@ -195,25 +237,31 @@ def main() -> int:
     records = load_records(sample_data_path())
     for extra in args.data:
         records += load_records(extra)
+    if "a" in args.variants.split(","):
+        singles = [r for r in records if "messages" not in r]
+        print(f"variant a reads system/input/output: all variants train on the {len(singles)} single-turn records "
+              f"(of {len(records)})", flush=True)
+        records = singles
     random.Random(0).shuffle(records)
     peak = matmul_tflops()
     n_params = count_parameters(native)
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    card = card_name()
     print(f"{card}; torch {torch.__version__}; {len(records)} records; {n_params:,} parameters; "
-          f"bf16 matmul {peak:.0f} TFLOP/s", flush=True)
+          f"bf16 matmul {peak:.0f} TFLOP/s measured, {spec_tflops(card):.0f} by specification", flush=True)
     results = []
     for name in args.variants.split(","):
         results.append(run_variant(name, native, records, args, peak, n_params))
         print(json.dumps(results[-1]), flush=True)
     head = ("variant", "real tok/s", "samples/s", "step s", "tok/step", "peak alloc GiB", "peak reserved GiB",
-            "useful MFU", "loss first", "loss last")
+            "MFU (measured matmul)", "MFU (spec peak)", "loss first", "loss last")
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in results:
         print(f"| {r['variant']} | {r['real_tokens_per_s']:,.0f} | {r['samples_per_s']:.1f} | {r['step_s']:.3f} | "
               f"{r['tokens_per_step']:,.0f} | {r['peak_alloc_gib']:.2f} | {r['peak_reserved_gib']:.2f} | "
-              f"{r['useful_mfu']:.1%} | {r['loss_first']:.3f} | {r['loss_last']:.3f} |")
+              f"{r['useful_mfu']:.1%} | {r['spec_mfu']:.1%} | {r['loss_first']:.3f} | {r['loss_last']:.3f} |")
     if args.json:
         args.json.write_text(json.dumps({"card": card, "torch": torch.__version__, "peak_tflops": peak,
+                                         "spec_tflops": spec_tflops(card), "warmup_steps": args.warmup,
                                          "params": n_params, "results": results}, indent=2))
     return 0
 

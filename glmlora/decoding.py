@@ -17,6 +17,7 @@ from typing import Any, Callable, Generator
 import torch
 
 from glmlora.attention import fuse_qkv, refresh_fused, use_grouped_decode
+from glmlora.fast import use_compile_cache
 
 
 def filtered_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -52,10 +53,14 @@ def _step(model: Any, cache: Any, tokens: torch.Tensor, positions: torch.Tensor,
 
 def compiled_step(model: Any, how: str | dict = "reduce-overhead") -> Callable[..., torch.Tensor]:
     """The model's decode step compiled once with ``torch.compile`` and kept on the model, one per ``how``: a
-    mode ("reduce-overhead": CUDA graphs) or a dict of inductor options (benchmarks try autotuning)."""
+    mode ("reduce-overhead": CUDA graphs) or a dict of inductor options (benchmarks try autotuning). Says once
+    that the first reply compiles; the compiled code is cached on disk under the work directory."""
     steps = model.__dict__.setdefault("_glmlora_decode_steps", {})
     key = how if isinstance(how, str) else repr(sorted(how.items()))
     if key not in steps:
+        cache = use_compile_cache()  # kept under the work directory: a new process loads instead of compiling
+        print(f"compiling the decode step for this GPU: this first reply takes longer (about a minute at 6B size; "
+              f"a later process reuses what is cached in {cache})", flush=True)
         fn = lambda *args: _step(model, *args)  # noqa: E731
         steps[key] = (torch.compile(fn, mode=how) if isinstance(how, str) else torch.compile(fn, options=how))
     return steps[key]

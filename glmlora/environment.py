@@ -57,6 +57,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("ipywidgets", "8.1", why="the chat box of lesson 06"),
     Requirement("matplotlib", "3.9", why="loss curves, histograms"),
     Requirement("jieba", "0.42", why="Chinese word segmentation for evaluation"),
+    Requirement("bitsandbytes", "0.45", needed_by=(), why="QLoRA: the base model in 4 bits (CUDA GPUs only)"),
 )
 
 
@@ -150,7 +151,21 @@ def machine_info() -> MachineInfo:
         return MachineInfo(None, 0.0, None, False, cpus, py, torch.version.cuda)
     props = torch.cuda.get_device_properties(0)
     return MachineInfo(props.name, props.total_memory / 1024 ** 3, f"{props.major}.{props.minor}",
-                       bool(torch.cuda.is_bf16_supported()), cpus, py, torch.version.cuda)
+                       bf16_supported(), cpus, py, torch.version.cuda)
+
+
+#: Set to 1 to treat this GPU as one without bf16 (V100, T4, RTX 2080 Ti): fp16 weights, fp32 LoRA parameters and
+#: fp16 AMP with loss scaling. How that path is tested on a GPU that has bf16 (benchmarks/issue13.py fp16).
+NO_BF16_ENV = "GLMLORA_NO_BF16"
+
+
+def bf16_supported() -> bool:
+    """Whether training and chat use bf16 on this machine: a CUDA GPU with bf16, unless ``GLMLORA_NO_BF16=1``."""
+    import torch
+
+    if os.environ.get(NO_BF16_ENV, "").strip() not in ("", "0"):
+        return False
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 @dataclass
@@ -258,15 +273,25 @@ MEASURED_PEAK_GIB, MEASURED_PACK_TOKENS, MEASURED_NVIDIA_SMI_GB = 13.4, 4096, 15
 GIB_PER_1024_TOKENS = 0.5
 #: Cards reporting at least this much (a "20 GB" quarter A100 shows ~19.5 GiB) train on 4,096-token rows.
 FULL_ROW_GIB = 18
+#: Cards reporting at least this much hold the 16-bit weights with rows of 2,048 tokens (a "16 GB" T4 shows
+#: 14.6 GiB, an RTX 4060 Ti 16 GB 15.6); below, the base model is loaded in 4 bits (QLoRA).
+HALF_ROW_GIB = 14
+#: QLoRA's base: NF4 decoder layers (0.098 GiB each, measured on the device for a full-width layer) + the 16-bit
+#: input embedding and output layer (0.5 GiB each) + norms. Cards reporting at least ``QLORA_MIN_GIB`` train with it
+#: (an RTX 3080 "10 GB" shows 9.8 GiB); below, the suggestion is the tiny model.
+QLORA_WEIGHTS_GIB = 28 * 0.098 + 2 * 0.496
+QLORA_MIN_GIB = 9
 
 
 @dataclass(frozen=True)
 class TrainingSuggestion:
-    """Packed-row settings that fit a GPU's memory (lesson 05's ``PACK_TOKENS`` and ``TRAINING``).
+    """Packed-row settings that fit a GPU's memory (lesson 05's ``PACK_TOKENS``, ``TRAINING`` and ``LOAD_IN_4BIT``).
 
     Training feeds one packed row of ``pack_tokens`` tokens per step (several examples, each cut to at most
     ``max_length`` tokens); shorter rows with more gradient accumulation keep the tokens per optimizer step
-    (``tokens_per_step``) the same, so results stay comparable across cards.
+    (``tokens_per_step``) the same, so results stay comparable across cards. ``load_in_4bit``: QLoRA, the frozen
+    base in 4-bit NF4 (``glmlora.load_model(..., load_in_4bit=True)``), for cards that cannot hold its 16-bit
+    weights. Gradient checkpointing stays on for every card.
     """
 
     profile: str
@@ -275,6 +300,8 @@ class TrainingSuggestion:
     max_length: int
     reason: str
     precision: str = "bf16"
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = True
 
     @property
     def per_device_train_batch_size(self) -> int:
@@ -289,55 +316,75 @@ class TrainingSuggestion:
     @property
     def estimated_peak_gib(self) -> float | None:
         """Rough peak allocated GPU memory of a 6B training step: the measured 13.4 GiB at 4,096-token rows,
-        ~0.5 GiB less per 1,024 tokens shorter. None for the tiny model (a few MB)."""
+        ~0.5 GiB less per 1,024 tokens shorter; in 4 bits the weights take ``QLORA_WEIGHTS_GIB`` instead of 11.6.
+        None for the tiny model (a few MB)."""
         if self.profile == "tiny":
             return None
-        return MEASURED_PEAK_GIB - GIB_PER_1024_TOKENS * (MEASURED_PACK_TOKENS - self.pack_tokens) / 1024
+        activations = MEASURED_PEAK_GIB - WEIGHTS_GIB - GIB_PER_1024_TOKENS * (MEASURED_PACK_TOKENS
+                                                                                - self.pack_tokens) / 1024
+        return round((QLORA_WEIGHTS_GIB if self.load_in_4bit else WEIGHTS_GIB) + activations, 2)
 
     def overrides(self) -> dict[str, Any]:
         """``TrainingArguments`` keywords for ``glmlora.training.training_arguments`` (lesson 05's ``TRAINING``).
 
-        The row length is not a ``TrainingArguments`` field: pass :attr:`pack_tokens` as ``PACK_TOKENS``.
+        The row length is not a ``TrainingArguments`` field: pass :attr:`pack_tokens` as ``PACK_TOKENS`` and
+        :attr:`load_in_4bit` as ``LOAD_IN_4BIT``.
         """
         return {"gradient_accumulation_steps": self.gradient_accumulation_steps}
 
 
+def _precision(bf16: bool, gpu_gib: float, load_in_4bit: bool) -> str:
+    if not gpu_gib:
+        return "fp32 (CPU)"
+    if load_in_4bit:
+        return f"4-bit NF4 base, {'bf16' if bf16 else 'fp16'} compute, fp32 LoRA" + ("" if bf16 else " (fp16 AMP)")
+    return "bf16" if bf16 else "fp16 weights + fp32 LoRA (fp16 AMP)"
+
+
 def suggest_training_config(gpu_gib: float | None = None, bf16: bool | None = None) -> TrainingSuggestion:
-    """Packed-row length, accumulation and ``max_length`` for a card of ``gpu_gib`` (None: this machine's GPU 0).
+    """Precision, LoRA or QLoRA, packed-row length and accumulation for a card of ``gpu_gib`` (None: this GPU 0).
 
     Cards report a little less than their label (an RTX 3090 "24 GB" shows 23.7 GiB, a quarter A100 "20 GB"
-    about 19.5), so the thresholds sit below the labels:
+    about 19.5, a T4 "16 GB" 14.6), so the thresholds sit below the labels:
 
-    * >= 18 GiB: rows of 4,096 tokens, no accumulation. Measured (BENCHMARKS.md): ChatGLM3-6B LoRA with
-      gradient checkpointing peaks at 13.4 GiB allocated on such rows, and the whole lesson-05 process shows
+    * >= 18 GiB: 16-bit weights, rows of 4,096 tokens, no accumulation. Measured (BENCHMARKS.md): ChatGLM3-6B
+      LoRA with gradient checkpointing peaks at 13.4 GiB allocated on such rows; the whole lesson-05 process shows
       15.7 GB in nvidia-smi;
-    * 16-18 GiB: rows of 2,048 tokens x accumulation 2 — the same tokens per optimizer step, about 1 GiB less
-      (activations grow by roughly 0.5 GiB per 1,024 tokens of row above the ~11.6 GiB of bf16 weights);
-    * below ``MIN_GPU_GIB`` (16): the automatic profile is tiny, and so is the suggestion (its
-      rows of 1,024 tokens, examples of at most 512).
-    """
-    from .profiles import MIN_GPU_GIB
+    * 14-18 GiB: rows of 2,048 tokens x accumulation 2 — the same tokens per optimizer step, about 1 GiB less
+      (activations grow by roughly 0.5 GiB per 1,024 tokens of row above the ~11.6 GiB of 16-bit weights);
+    * 9-14 GiB: QLoRA — the base in 4-bit NF4 (about 3.7 GiB), rows of 2,048 x accumulation 2;
+    * below ``QLORA_MIN_GIB`` (9), or no GPU: the tiny model (rows of 1,024 tokens, examples of at most 512).
 
+    Cards without bf16 (V100, T4, RTX 20xx) train the same way with fp16 weights, fp32 LoRA parameters and fp16
+    AMP with loss scaling.
+    """
     if gpu_gib is None or bf16 is None:
         info = machine_info()
         gpu_gib = info.gpu_memory_gib if gpu_gib is None else gpu_gib
         bf16 = info.bf16 if bf16 is None else bf16
-    precision = "bf16" if bf16 else "fp16 weights + fp32 LoRA (fp16 AMP)"
     if gpu_gib >= FULL_ROW_GIB:
         return TrainingSuggestion(
             "full", 4096, 1, 1024,
             f"{gpu_gib:.1f} GiB: rows of 4,096 tokens fit — measured peak {MEASURED_PEAK_GIB} GiB allocated, "
-            f"{MEASURED_NVIDIA_SMI_GB} GB in nvidia-smi for the whole notebook (BENCHMARKS.md)", precision)
-    if gpu_gib >= MIN_GPU_GIB:
+            f"{MEASURED_NVIDIA_SMI_GB} GB in nvidia-smi for the whole notebook (BENCHMARKS.md)",
+            _precision(bf16, gpu_gib, False))
+    if gpu_gib >= HALF_ROW_GIB:
         return TrainingSuggestion(
             "full", 2048, 2, 1024,
             f"{gpu_gib:.1f} GiB: tight for 4,096-token rows ({MEASURED_NVIDIA_SMI_GB} GB in nvidia-smi); rows of "
-            f"2,048 x accumulation 2 train on the same tokens per step with ~1 GiB less", precision)
-    why = f"{gpu_gib:.1f} GiB is too little for the 6B model" if gpu_gib else "no CUDA GPU"
+            f"2,048 x accumulation 2 train on the same tokens per step with ~1 GiB less", _precision(bf16, gpu_gib, False))
+    if gpu_gib >= QLORA_MIN_GIB:
+        return TrainingSuggestion(
+            "full", 2048, 2, 1024,
+            f"{gpu_gib:.1f} GiB cannot hold the 11.6 GiB of 16-bit weights: QLoRA loads the base in 4 bits "
+            f"(~{QLORA_WEIGHTS_GIB:.1f} GiB) and trains LoRA on top; rows of 2,048 x accumulation 2",
+            _precision(bf16, gpu_gib, True), load_in_4bit=True)
+    why = f"{gpu_gib:.1f} GiB is too little for the 6B model, even in 4 bits" if gpu_gib else "no CUDA GPU"
     return TrainingSuggestion("tiny", 1024, 1, 512, f"{why}: learn with the tiny model",
-                              precision if gpu_gib else "fp32 (CPU)")
+                              _precision(bf16, gpu_gib, False))
 
 
 __all__ = ["EnvironmentProblem", "EnvironmentReport", "MachineInfo", "PackageStatus", "REQUIREMENTS",
-           "Requirement", "TrainingSuggestion", "check_environment", "environment_report", "installed_version",
-           "machine_info", "package_report", "package_status", "problem_message", "suggest_training_config"]
+           "Requirement", "TrainingSuggestion", "bf16_supported", "check_environment", "environment_report",
+           "installed_version", "machine_info", "package_report", "package_status", "problem_message",
+           "suggest_training_config"]

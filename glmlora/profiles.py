@@ -116,8 +116,18 @@ def select_profile(name: str | None = None) -> Profile:
     else:
         reason = f"chosen by {PROFILE_ENV}={choice}" if not name else f"chosen in the notebook: {choice}"
     if choice == "tiny":
+        one_cpu_thread()
         return Profile("tiny", reason, max_length=512, pack_tokens=1024, train_overrides=dict(TINY_TRAINING))
     return Profile(choice, reason, max_length=1024, pack_tokens=4096)
+
+
+def one_cpu_thread() -> None:
+    """Run the tiny model's CPU math on one thread (unless ``OMP_NUM_THREADS`` says otherwise).
+
+    Its matrices are so small that threads only add synchronisation: on a busy 2-core machine lesson 06's
+    memorising step took over 300 s with torch's default threads and under 10 s with one."""
+    if not os.environ.get("OMP_NUM_THREADS") and not torch.cuda.is_available():
+        torch.set_num_threads(1)
 
 
 def show_banner(profile: Profile) -> None:

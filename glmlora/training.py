@@ -21,14 +21,26 @@ from .tokenizer import ChatGLM3Tokenizer
 
 
 def add_lora(model: Any, config: Any, gradient_checkpointing: bool = True) -> Any:
-    """Wrap ``model`` with LoRA; LoRA weights in fp32 even on a half-precision base.
+    """Wrap ``model`` with LoRA; LoRA weights in fp32 even on a half-precision or 4-bit base.
 
     With checkpointing, the frozen embedding output does not require grad, so the recomputed block has
     nothing to differentiate ("element 0 of tensors does not require grad"):
     ``enable_input_require_grads`` fixes that.
+
+    A 4-bit base (QLoRA, ``load_model(..., load_in_4bit=True)``) gets the same treatment, which is what peft's
+    ``prepare_model_for_kbit_training`` does apart from one step left out on purpose: that function also casts
+    every 16-bit weight it finds to fp32 — here the 65,024 x 4,096 input embedding and output layer, +1 GiB, and
+    fp32 activations from there on, where QLoRA is meant for 10-16 GB cards. The frozen 16-bit weights are
+    never updated, and bf16 has fp32's range; with fp16 compute, AMP's loss scaling guards the gradients as on
+    a 16-bit base. Calling ``prepare_model_for_kbit_training`` before ``add_lora`` still works (at that cost).
     """
     from peft import get_peft_model
 
+    from .fast import is_quantized
+
+    if is_quantized(model):
+        for p in model.parameters():  # freeze the base before wrapping, as prepare_model_for_kbit_training does
+            p.requires_grad_(False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -40,11 +52,27 @@ def add_lora(model: Any, config: Any, gradient_checkpointing: bool = True) -> An
     return peft_model
 
 
+def training_dtype() -> torch.dtype:
+    """The dtype the frozen weights load in for training: bf16 where the GPU has it, fp16 on older GPUs (and
+    under ``GLMLORA_NO_BF16=1``), fp32 on CPU. Matches :func:`precision_flags`."""
+    from .environment import bf16_supported
+
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if bf16_supported() else torch.float16
+
+
 def precision_flags() -> dict[str, bool]:
-    """``bf16`` on GPUs that have it, ``fp16`` AMP on older GPUs, neither on CPU."""
+    """``bf16`` on GPUs that have it, ``fp16`` AMP (with loss scaling) on older GPUs, neither on CPU.
+
+    fp16 AMP unscales the gradients of the *trainable* parameters, so they must be fp32 — :func:`add_lora`
+    keeps LoRA's in fp32 on any base. ``GLMLORA_NO_BF16=1`` forces the fp16 path on a bf16 GPU (how it is tested).
+    """
+    from .environment import bf16_supported
+
     if not torch.cuda.is_available():
         return {"bf16": False, "fp16": False}
-    bf16 = torch.cuda.is_bf16_supported()
+    bf16 = bf16_supported()
     return {"bf16": bf16, "fp16": not bf16}
 
 
@@ -148,8 +176,57 @@ def plot_loss(log_history: list[dict[str, Any]], path: str | Path | None = None,
     return fig
 
 
-def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` folder, to resume an interrupted run (``trainer.train(resume_from_checkpoint=...)``)."""
-    from transformers.trainer_utils import get_last_checkpoint
+def last_checkpoint(output_dir: str | Path, say: Any = print) -> str | None:
+    """The newest *complete* ``checkpoint-N`` folder, to resume an interrupted run
+    (``trainer.train(resume_from_checkpoint=...)``); None when there is none.
 
-    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+    A run killed while saving leaves a checkpoint folder that is empty or half written; resuming from it would
+    crash or, worse, load half a state. Such folders are passed over, and ``say`` (print) tells which and why.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    numbered = [(int(p.name.split("-")[1]), p) for p in root.glob("checkpoint-*")
+                if p.is_dir() and p.name.split("-")[1].isdigit()]
+    for _, path in sorted(numbered, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        say(f"skipping {path}: {problem}")
+    return None
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from, or None when it is complete: trainer state readable,
+    weights (adapter or model) present with readable headers, saved optimizer/scheduler/RNG files whole."""
+    import zipfile
+
+    from .chatglm3 import ConversionError, check_safetensors
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return "not a directory"
+    files = {p.name: p for p in path.iterdir() if p.is_file()}
+    if not files:
+        return "empty (the run stopped while creating it)"
+    if "trainer_state.json" not in files:
+        return "no trainer_state.json (the run stopped while saving: Trainer writes that file last)"
+    try:
+        int(json.loads(files["trainer_state.json"].read_text(encoding="utf-8"))["global_step"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "trainer_state.json is unreadable (half written)"
+    weights = [n for n in files if n.endswith(".safetensors") or n in ("adapter_model.bin", "pytorch_model.bin")]
+    if not weights:
+        return "no weights (adapter_model.safetensors)"
+    if any(n.startswith("adapter_model") for n in weights) and "adapter_config.json" not in files:
+        return "adapter_config.json is missing"
+    for name in sorted(weights):
+        if name.endswith(".safetensors"):
+            try:
+                check_safetensors(files[name])
+            except ConversionError as e:
+                return str(e).replace(f"{files[name]}: ", f"{name}: ", 1)
+    for name in sorted(n for n in files if n.endswith((".pt", ".pth", ".bin"))):
+        if not zipfile.is_zipfile(files[name]):
+            return f"{name} is truncated or corrupt (not a complete torch.save file)"
+    return None

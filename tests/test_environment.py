@@ -132,24 +132,36 @@ def test_machine_info_without_gpu(monkeypatch):
     assert info.cpu_count >= 1 and info.python.count(".") == 2
 
 
-@pytest.mark.parametrize("gib, profile, pack, ga, length", [
-    (80, "full", 4096, 1, 1024),
-    (24, "full", 4096, 1, 1024),
-    (23.7, "full", 4096, 1, 1024),   # an RTX 3090 / 4090 "24 GB"
-    (20, "full", 4096, 1, 1024),
-    (19.5, "full", 4096, 1, 1024),   # a quarter A100 "20 GB"
-    (18, "full", 4096, 1, 1024),
-    (17, "full", 2048, 2, 1024),
-    (16, "full", 2048, 2, 1024),
-    (15.1, "tiny", 1024, 1, 512),    # a "16 GB" T4 reports 15.1 GiB
-    (8, "tiny", 1024, 1, 512),
-    (0, "tiny", 1024, 1, 512),
+@pytest.mark.parametrize("gib, profile, pack, ga, length, four_bit", [
+    (80, "full", 4096, 1, 1024, False),
+    (24, "full", 4096, 1, 1024, False),
+    (23.7, "full", 4096, 1, 1024, False),   # an RTX 3090 / 4090 "24 GB"
+    (20, "full", 4096, 1, 1024, False),
+    (19.5, "full", 4096, 1, 1024, False),   # a quarter A100 "20 GB"
+    (18, "full", 4096, 1, 1024, False),
+    (17, "full", 2048, 2, 1024, False),
+    (15.6, "full", 2048, 2, 1024, False),   # an RTX 4060 Ti "16 GB"
+    (14.6, "full", 2048, 2, 1024, False),   # a T4 "16 GB"
+    (11.7, "full", 2048, 2, 1024, True),    # an RTX 3060 "12 GB": QLoRA
+    (10.7, "full", 2048, 2, 1024, True),    # an RTX 2080 Ti "11 GB"
+    (9.8, "full", 2048, 2, 1024, True),     # an RTX 3080 "10 GB"
+    (7.8, "tiny", 1024, 1, 512, False),     # an 8 GB card
+    (0, "tiny", 1024, 1, 512, False),
 ])
-def test_suggestion_per_card(gib, profile, pack, ga, length):
+def test_suggestion_per_card(gib, profile, pack, ga, length, four_bit):
     s = suggest_training_config(gib, bf16=True)
     assert (s.profile, s.pack_tokens, s.gradient_accumulation_steps, s.max_length) == (profile, pack, ga, length)
+    assert s.load_in_4bit is four_bit and s.gradient_checkpointing
     assert s.per_device_train_batch_size == 1  # always one packed row per step
     assert s.overrides() == {"gradient_accumulation_steps": ga}
+
+
+def test_qlora_fits_the_smallest_supported_card_with_a_gigabyte_to_spare():
+    s = suggest_training_config(environment.QLORA_MIN_GIB, bf16=True)
+    assert s.load_in_4bit and s.estimated_peak_gib < environment.QLORA_MIN_GIB - 1
+    assert s.estimated_peak_gib < suggest_training_config(15.6, bf16=True).estimated_peak_gib - 6  # 4-bit weights
+    assert "QLoRA" in s.reason and s.precision.startswith("4-bit NF4 base, bf16 compute")
+    assert suggest_training_config(10.7, bf16=False).precision.endswith("(fp16 AMP)")
 
 
 def test_suggestion_matches_the_profiles():
@@ -174,7 +186,7 @@ def test_big_card_reason_cites_the_measurement():
 
 
 def test_suggestion_for_small_cards_is_the_tiny_profile():
-    assert suggest_training_config(15.1, bf16=False).reason.startswith("15.1 GiB is too little")
+    assert suggest_training_config(7.8, bf16=True).reason.startswith("7.8 GiB is too little for the 6B model")
     no_gpu = suggest_training_config(0.0, bf16=False)
     assert "no CUDA GPU" in no_gpu.reason and no_gpu.precision == "fp32 (CPU)"
 
@@ -191,3 +203,41 @@ def test_suggestion_reads_this_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     s = suggest_training_config()
     assert (s.profile, s.pack_tokens, s.precision) == ("tiny", 1024, "fp32 (CPU)")
+
+
+# ---------------------------------------------------------------------------------------------- fp16-only cards
+@pytest.fixture
+def bf16_gpu(monkeypatch):
+    """A CUDA GPU with bf16, as far as these functions can tell."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.delenv(environment.NO_BF16_ENV, raising=False)
+
+
+def test_precision_follows_bf16_support(bf16_gpu, monkeypatch):
+    import torch
+
+    from glmlora.training import precision_flags, training_dtype
+
+    assert environment.bf16_supported() and precision_flags() == {"bf16": True, "fp16": False}
+    assert training_dtype() == torch.bfloat16
+    monkeypatch.setenv(environment.NO_BF16_ENV, "1")  # how the fp16 path is forced on a bf16 GPU
+    assert not environment.bf16_supported()
+    assert precision_flags() == {"bf16": False, "fp16": True} and training_dtype() == torch.float16
+    monkeypatch.setenv(environment.NO_BF16_ENV, "0")
+    assert environment.bf16_supported()
+
+
+def test_forced_fp16_changes_the_suggestion_precision(bf16_gpu, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    card = SimpleNamespace(name="NVIDIA GeForce RTX 3090", total_memory=int(23.7 * 1024 ** 3), major=8, minor=6)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: card)
+    assert suggest_training_config().precision == "bf16"
+    monkeypatch.setenv(environment.NO_BF16_ENV, "1")
+    assert environment.machine_info().bf16 is False
+    assert suggest_training_config().precision == "fp16 weights + fp32 LoRA (fp16 AMP)"
