@@ -1,7 +1,7 @@
 """ChatGLM3-6B as transformers' native ``GlmForCausalLM``: config mapping, weight conversion, loading.
 
 ChatGLM3's remote code no longer loads on transformers 5.x, but its architecture *is* ``GlmForCausalLM``
-once the fused QKV projection is split and the keys are renamed (DESIGN.md §2).  The conversion runs once,
+once the fused QKV projection is split and the keys are renamed (docs/design.md §2).  The conversion runs once,
 shard by shard, into a normal transformers directory, so nothing here ever needs ``trust_remote_code``.
 """
 
@@ -49,7 +49,7 @@ _REQUIRED = ("hidden_size", "num_layers", "num_attention_heads", "padded_vocab_s
 
 
 def glm_config_from_chatglm(cfg: dict[str, Any], source: str = "config.json") -> GlmConfig:
-    """Map a ChatGLM3 ``config.json`` (model_type ``chatglm``) to ``GlmConfig`` (DESIGN.md §2.3).
+    """Map a ChatGLM3 ``config.json`` (model_type ``chatglm``) to ``GlmConfig`` (docs/design.md §2.3).
 
     ``eos_token_id`` stays 2 (Trainer aligns it with the tokenizer's eos anyway); generation stops on the
     full list ``[eos, <|user|>, <|observation|>]`` through ``generation_config.json``.

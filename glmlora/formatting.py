@@ -1,6 +1,6 @@
 """Records -> ``input_ids`` / ``labels`` with the official ChatGLM3 masking (lesson 04).
 
-A token is a target when the token just before it belongs to an assistant message (DESIGN.md §2.5):
+A token is a target when the token just before it belongs to an assistant message (docs/design.md §2.5):
 the ``"\\n"`` after ``<|assistant|>``, the reply, and the token that follows it (the next ``<|user|>``
 or the final eos), so the model learns to answer *and to stop*.  Everything else is -100.
 

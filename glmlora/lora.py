@@ -2,7 +2,7 @@
 
 The original tutorial targets ChatGLM3's fused ``query_key_value``; on ``GlmForCausalLM`` the same layer is
 ``q_proj``/``k_proj``/``v_proj``.  A fused LoRA converts exactly: the same A for q, k and v, and B split by
-rows (DESIGN.md §2.6).
+rows (docs/design.md §2.6).
 """
 
 from __future__ import annotations

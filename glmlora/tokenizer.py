@@ -2,7 +2,7 @@
 
 ChatGLM3's own ``tokenization_chatglm.py`` breaks on transformers >= 4.45 (``_pad() got an unexpected
 keyword argument 'padding_side'``) and on 5.x (``batch_encode_plus`` is gone).  :class:`ChatGLM3Tokenizer`
-keeps the exact id layout and chat format of the original (DESIGN.md §2.4) and is a normal
+keeps the exact id layout and chat format of the original (docs/design.md §2.4) and is a normal
 ``PreTrainedTokenizer``, so ``Trainer(processing_class=...)``, ``tokenizer.pad`` and ``TextIteratorStreamer``
 accept it.
 

@@ -1,4 +1,4 @@
-"""An independent plain-torch ChatGLM3 forward pass, written from DESIGN.md §2.3 (no transformers).
+"""An independent plain-torch ChatGLM3 forward pass, written from docs/design.md §2.3 (no transformers).
 
 It reads the ORIGINAL key names and config.json, so the tests compare the converted native model
 against the architecture as described, not against the conversion's own assumptions.

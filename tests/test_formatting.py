@@ -1,4 +1,4 @@
-"""process_func and the label mask (DESIGN.md §2.5), shown on hand-built expectations."""
+"""process_func and the label mask (docs/design.md §2.5), shown on hand-built expectations."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def dialogue(i: int, turns: int) -> dict:
 
 
 def expected_window(tok, messages, window, n_exchanges):
-    """Ids and labels of a window, built from DESIGN.md §2.5 on the messages it holds: the context exchanges
+    """Ids and labels of a window, built from docs/design.md §2.5 on the messages it holds: the context exchanges
     untrained, the trained replies and the token after each as targets, ending on that token."""
     system, exchanges = messages[:1], [messages[1 + 2 * k: 3 + 2 * k] for k in range(n_exchanges)]
     ids, owner = tok.prefix_ids(), [False, False]

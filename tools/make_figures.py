@@ -9,7 +9,7 @@ Re-run from the repository root whenever a figure needs to change::
 Figures written (about 1500-1600 px wide, 150 dpi, white background):
 
 * ``data_flow.png``        -- the course pipeline, notebook by notebook (02 download ... 06 reload & chat)
-* ``label_mask.png``       -- which tokens of a conversation are training targets (DESIGN.md section 2.5)
+* ``label_mask.png``       -- which tokens of a conversation are training targets (docs/design.md §2.5)
 * ``original_vs_fixed.png`` -- role markers as text vs by id, and padding to 512 vs to the batch's longest
 * ``lora.png``             -- W + (alpha/r) * B A, with ChatGLM3-6B's numbers
 
@@ -264,7 +264,7 @@ def conversation(cjk: bool) -> list[tuple[str, str | None, bool]]:
 
 
 def targets_of(tokens) -> list[bool]:
-    """DESIGN.md 2.5: a token is a target when the token just before it belongs to an assistant message."""
+    """docs/design.md §2.5: a token is a target when the token just before it belongs to an assistant message."""
     return [i > 0 and tokens[i - 1][1] == "assistant" for i in range(len(tokens))]
 
 
