@@ -52,7 +52,7 @@ def ensure_splits(profile: Profile, source: str | Path | None = None, val_fracti
     recorded = current or {}
     if source is None:
         source = split_source(profile) or sample_data_path()
-    source = Path(source)
+    source = Path(source).expanduser().resolve()  # recorded absolute: later lessons run from other folders
     val_fraction = recorded.get("val_fraction", 0.1) if val_fraction is None else val_fraction
     seed = recorded.get("seed", 42) if seed is None else seed
     train_path, val_path = profile.data_dir / "train.jsonl", profile.data_dir / "val.jsonl"

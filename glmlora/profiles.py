@@ -89,7 +89,8 @@ class Profile:
         if self.is_tiny:
             return (f"TINY MODEL PROFILE — {self.reason}. Every step is real, but the model is a 0.9 M-parameter "
                     f"ChatGLM3 with random weights: its answers are gibberish until it memorises training data. "
-                    f"On a GPU with >= {MIN_GPU_GIB} GB the real ChatGLM3-6B is used (or set {PROFILE_ENV}=full).")
+                    f"On a GPU with >= {MIN_GPU_GIB} GiB the real ChatGLM3-6B is used; on a 9-16 GiB card set "
+                    f"{PROFILE_ENV}=full (lesson 01 suggests the settings, QLoRA below 14 GiB).")
         if self.name == "full-random":
             return (f"FULL-SIZE RANDOM PROFILE — {self.reason}. Real ChatGLM3-6B shapes, random weights: "
                     f"for measuring memory and speed only.")
