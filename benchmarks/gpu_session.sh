@@ -10,7 +10,13 @@
 #              peak memory each; notebook 07's numbers (evaluation.json) come back in $OUT
 # Issue 13's stages (kernels per card, fp16, QLoRA, card memory caps, first reply): benchmarks/gpu_issue13.sh
 # Wheels the machine lacks travel in .whl/ (or the folder named by WHEELS), extra benchmark data in .gpu/data/ (both
-# git-ignored). GLMLORA_CAP_GIB=23.2 caps the notebooks' kernels at that much GPU memory (an emulated card:
+# git-ignored). The GPU image lacks (python 3.12 wheels, `pip download --no-deps`): datasets dill multiprocess peft
+# liger-kernel pydantic pydantic-core annotated-types typing-inspection (+ bitsandbytes for QLoRA); for the notebooks
+# also nbval nbformat nbclient jupyter_client jupyter_core traitlets ipykernel ipython jedi parso prompt_toolkit wcwidth
+# decorator pexpect ptyprocess stack_data executing asttokens pure_eval matplotlib-inline ipython-pygments-lexers
+# pyzmq tornado comm debugpy nest_asyncio platformdirs fastjsonschema jsonschema jsonschema-specifications referencing
+# rpds-py ipywidgets widgetsnbextension jupyterlab_widgets rouge-chinese nltk jieba (a py3 wheel built with pip wheel);
+# about 43 MB, under the 64 MiB a call may carry. GLMLORA_CAP_GIB=23.2 caps the notebooks' kernels at that much GPU memory (an emulated card:
 # benchmarks/emulate/sitecustomize.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
