@@ -524,17 +524,3 @@ def load(path: str | Path, **kwargs: Any):
     """``(model, tokenizer)`` for a ChatGLM3 directory, original or converted."""
     native = ensure_native(path)
     return load_model(native, **kwargs), load_tokenizer(native)
-
-
-# ---- export moved to glmlora.export ----------------------------------------------------------------
-_MOVED_TO_EXPORT = ("export_original", "chatglm_config_from_glm")
-
-
-def __getattr__(name: str) -> Any:
-    """Old imports (``from glmlora.chatglm3 import export_original``) keep working; export lives in
-    glmlora.export, which imports this module (so it cannot be imported here at load time)."""
-    if name in _MOVED_TO_EXPORT:
-        from . import export
-
-        return getattr(export, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

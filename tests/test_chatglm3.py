@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import glmlora
-from glmlora.chatglm3 import (ConversionError, convert_checkpoint, export_original, glm_config_from_chatglm,
-                              read_shard, weight_files)
+from glmlora.chatglm3 import ConversionError, convert_checkpoint, glm_config_from_chatglm, read_shard, weight_files
+from glmlora.export import export_original
 from glmlora.tokenizer import load_tokenizer
 
 from conftest import copy_checkpoint, plain_transformers_logits
