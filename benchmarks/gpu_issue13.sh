@@ -8,12 +8,20 @@
 # (a copy of ../shared/data/cpsycound_singleturn.jsonl), both git-ignored: name both in the call's carry list.
 # Emulated cards: memory = a per-process cap (the card's reported GiB - 0.5 GiB of CUDA context); attention = what
 # glmlora.fast.training_attention() picks on that card (GLMLORA_ATTENTION: flex-small-smem on sm86/sm89, SDPA on
-# the T4). STAGES="name ..." runs only those stages of the call (names as in the case lists below); PEFT_PREPARE=1
-# adds a QLoRA run with peft's prepare_model_for_kbit_training to call2, PRECOMPILE=1 dynamo's precompile to call3.
+# the T4). Optional stages: peft (QLoRA with peft's prepare_model_for_kbit_training), precompile (dynamo's caching
+# precompile for the first reply).
 # TINY=1 PY=.venv/bin/python: the same plumbing with the tiny model on a CPU (no build, 2 steps, GPU-only stages skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: bash benchmarks/gpu_issue13.sh call1|call2|call3}
+CALL=${1:?usage: bash benchmarks/gpu_issue13.sh call1|call2|call3|run STAGE...}
+shift
+case $CALL in
+  call1) STAGE_LIST="flex d24 eager" ;;
+  call2) STAGE_LIST="qlora check fair" ;;
+  call3) STAGE_LIST="bf16 fp16 cold warm" ;;
+  run) STAGE_LIST="$*" ;;
+  *) echo "unknown call $CALL (call1, call2, call3 or run STAGE...)"; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/$CALL.log") 2>&1
 PY=${PY:-python3}
@@ -34,54 +42,58 @@ $PY -c "from glmlora.data import sample_data_path; print(sample_data_path())" | 
 RUN="$PY benchmarks/issue13.py"
 SMALL=flex-small-smem   # what an RTX 3090 / 4090 / 3060 / 3080 / 4060 Ti gets (101,376 B of shared memory per block)
 
-stage() {  # stage NAME SECONDS COMMAND...: run it unless STAGES excludes it; never longer than SECONDS
+stage() {  # stage NAME SECONDS COMMAND...: run it, never longer than SECONDS nor past the call's BUDGET
   local name=$1 limit=$2; shift 2
-  if [ -n "${STAGES:-}" ] && [[ " $STAGES " != *" $name "* ]]; then return; fi
+  if [ "${BUDGET:-0}" -gt 0 ]; then
+    local left=$(( BUDGET - ($(date +%s) - T0) - 15 ))
+    if [ "$left" -lt 45 ]; then echo; echo "=== $name SKIPPED: ${left} s left of the call's ${BUDGET} s"; return; fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   echo; echo "=== $name (limit ${limit} s, at $(( $(date +%s) - T0 )) s)"
   timeout "$limit" "$@" 2>&1 | grep --line-buffered -v "it/s\]"
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || echo "=== $name FAILED or timed out (exit $rc)"
 }
 
-case $CALL in
-  call1)
-    [ -z "$X" ] && stage flex 240 $RUN flex --json "$OUT/a_flex.json"
-    stage d24 240 env GLMLORA_ATTENTION=$SMALL $RUN train $X $STEPS --label "24+20 GB bf16 LoRA (20 GB cap)" \
-      --gpu-gib 19.5 --data $DATA --json "$OUT/d_24_20gb.json"
-    # does compiling the layers pay? the same run with eager layers: first-step time vs steady speed
-    stage eager 180 env GLMLORA_ATTENTION=$SMALL GLMLORA_COMPILE_LAYERS=0 $RUN train $X $STEPS \
-      --label "24+20 GB bf16 LoRA, layers not compiled" --gpu-gib 19.5 --data $DATA --json "$OUT/d_24_20gb_eager.json" ;;
-  call2)
-    stage qlora 240 env GLMLORA_ATTENTION=$SMALL $RUN train $X $STEPS --label "12+10 GB QLoRA (10 GB cap)" \
-      --gpu-gib 9.8 --data $DATA --json "$OUT/c_qlora_10gb.json"
-    ADAPTER=$($PY -c "import json; print(json.load(open('$OUT/c_qlora_10gb.json'))['adapter_dir'])" 2>/dev/null)
-    stage check 240 $RUN qlora-check $X --adapter "$ADAPTER" --json "$OUT/c_qlora_check.json"
-    stage fair 300 $PY benchmarks/train_bench.py --model "$MODEL" --data .gpu/data/*.jsonl --variants a,e $BENCH \
-      --work /tmp/issue13-bench --json "$OUT/f_train_bench.json"
-    if [ "${PEFT_PREPARE:-0}" = 1 ]; then
-      stage peft 200 env GLMLORA_ATTENTION=$SMALL $RUN train $X $STEPS --gpu-gib 9.8 --kbit-prepare peft \
-        --label "QLoRA, peft prepare_model_for_kbit_training" --data $DATA --json "$OUT/c_qlora_peft_prepare.json"
-    fi ;;
-  call3)
-    stage bf16 240 env GLMLORA_ATTENTION=$SMALL $RUN train $X $STEPS --label "16 GB bf16 LoRA (4060 Ti cap)" \
-      --gpu-gib 15.6 --data $DATA --json "$OUT/b_bf16_16gb.json"
-    stage fp16 240 env GLMLORA_ATTENTION=sdpa $RUN train $X $STEPS --label "16 GB fp16-only (T4 cap)" --gpu-gib 14.6 \
-      --fp16 --data $DATA --json "$OUT/b_fp16_t4.json"
-    rm -rf /tmp/issue13-chat   # a fresh work directory: nothing compiled yet
-    stage cold 200 env GLMLORA_WORKDIR=/tmp/issue13-chat $RUN chat $X --label "first reply, cold (new cache)" \
-      --json "$OUT/e_cold.json"
-    stage warm 120 env GLMLORA_WORKDIR=/tmp/issue13-chat $RUN chat $X --label "first reply, warm (cache kept)" \
-      --json "$OUT/e_warm.json"
-    if [ "${PRECOMPILE:-0}" = 1 ]; then  # experimental: dynamo's caching precompile, saved after the first reply
+one() {  # one named stage (a: kernels, b: fp16, c: QLoRA, d: card caps, e: first reply, f: fair baseline)
+  case $1 in
+    flex) [ -z "$X" ] && stage flex 240 $RUN flex --json "$OUT/a_flex.json" ;;
+    d24) stage d24 240 env GLMLORA_ATTENTION=$SMALL $RUN train $X $STEPS --label "24+20 GB bf16 LoRA (20 GB cap)" \
+      --gpu-gib 19.5 --data $DATA --json "$OUT/d_24_20gb.json" ;;
+    eager)  # does compiling the layers pay? the same run with eager layers: first-step time vs steady speed
+      stage eager 180 env GLMLORA_ATTENTION=$SMALL GLMLORA_COMPILE_LAYERS=0 $RUN train $X $STEPS \
+        --label "24+20 GB bf16 LoRA, layers not compiled" --gpu-gib 19.5 --data $DATA --json "$OUT/d_24_20gb_eager.json" ;;
+    qlora) stage qlora 240 env GLMLORA_ATTENTION=$SMALL $RUN train $X $STEPS --label "12+10 GB QLoRA (10 GB cap)" \
+      --gpu-gib 9.8 --data $DATA --json "$OUT/c_qlora_10gb.json" ;;
+    check)
+      local adapter
+      adapter=$($PY -c "import json; print(json.load(open('$OUT/c_qlora_10gb.json'))['adapter_dir'])" 2>/dev/null)
+      stage check 240 $RUN qlora-check $X --adapter "$adapter" --json "$OUT/c_qlora_check.json" ;;
+    fair) stage fair 300 $PY benchmarks/train_bench.py --model "$MODEL" --data .gpu/data/*.jsonl --variants a,e $BENCH \
+      --work /tmp/issue13-bench --json "$OUT/f_train_bench.json" ;;
+    peft) stage peft 200 env GLMLORA_ATTENTION=$SMALL $RUN train $X $STEPS --gpu-gib 9.8 --kbit-prepare peft \
+      --label "QLoRA, peft prepare_model_for_kbit_training" --data $DATA --json "$OUT/c_qlora_peft_prepare.json" ;;
+    bf16) stage bf16 240 env GLMLORA_ATTENTION=$SMALL $RUN train $X $STEPS --label "16 GB bf16 LoRA (4060 Ti cap)" \
+      --gpu-gib 15.6 --data $DATA --json "$OUT/b_bf16_16gb.json" ;;
+    fp16) stage fp16 240 env GLMLORA_ATTENTION=sdpa $RUN train $X $STEPS --label "16 GB fp16-only (T4 cap)" --gpu-gib 14.6 \
+      --fp16 --data $DATA --json "$OUT/b_fp16_t4.json" ;;
+    cold) rm -rf /tmp/issue13-chat   # a fresh work directory: nothing compiled yet
+      stage cold 200 env GLMLORA_WORKDIR=/tmp/issue13-chat $RUN chat $X --label "first reply, cold (new cache)" \
+        --json "$OUT/e_cold.json" ;;
+    warm) stage warm 120 env GLMLORA_WORKDIR=/tmp/issue13-chat $RUN chat $X --label "first reply, warm (cache kept)" \
+      --json "$OUT/e_warm.json" ;;
+    precompile)  # experimental: dynamo's caching precompile, saved after the first reply
       rm -rf /tmp/issue13-chat-pc
       for t in cold warm; do
         stage "pc_$t" 150 env GLMLORA_WORKDIR=/tmp/issue13-chat-pc TORCHINDUCTOR_CACHE_DIR=/tmp/issue13-chat-pc/compile-cache \
           TORCH_CACHING_PRECOMPILE=1 $RUN chat $X --label "first reply, $t, caching precompile" --precompile-save \
           --json "$OUT/e_precompile_$t.json"
-      done
-    fi ;;
-  *) echo "unknown call $CALL (call1, call2 or call3)"; exit 2 ;;
-esac
+      done ;;
+    *) echo "unknown stage $1"; exit 2 ;;
+  esac
+}
+
+for name in $STAGE_LIST; do one "$name"; done
 echo; echo "=== $CALL done after $(( $(date +%s) - T0 )) s"
 $PY benchmarks/issue13.py table "$OUT"/*.json
 sleep 1  # let tee write the last lines

@@ -16,15 +16,20 @@
 # decorator pexpect ptyprocess stack_data executing asttokens pure_eval matplotlib-inline ipython-pygments-lexers
 # pyzmq tornado comm debugpy nest_asyncio platformdirs fastjsonschema jsonschema jsonschema-specifications referencing
 # rpds-py ipywidgets widgetsnbextension jupyterlab_widgets rouge-chinese nltk jieba (a py3 wheel built with pip wheel);
-# about 43 MB, under the 64 MiB a call may carry. GLMLORA_CAP_GIB=23.2 caps the notebooks' kernels at that much GPU memory (an emulated card:
+# about 43 MB, under the 64 MiB a call may carry. bitsandbytes' wheel (43 MB) holds a library per CUDA version: the
+# GPU image's CUDA 13 needs only libbitsandbytes_cuda130/132.so, so drop the others (`zip -d WHEEL
+# 'bitsandbytes/libbitsandbytes_cuda1[12]*.so' 'bitsandbytes/libbitsandbytes_cuda128.so' 'bitsandbytes/libbitsandbytes_rocm*'`,
+# 7.4 MB left) and one folder carries everything. GLMLORA_CAP_GIB=23.2 caps the notebooks' kernels at that much GPU memory (an emulated card:
 # benchmarks/emulate/sitecustomize.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GLMLORA_WORKDIR=${GLMLORA_WORKDIR:-/tmp/glmlora-work} GLMLORA_MODEL_CACHE=/tmp/models
 MODEL=$GLMLORA_MODEL_CACHE/chatglm3-6b-random
-if [ ! -d /tmp/site ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl
+# once per wheel folder (a warm machine keeps /tmp/site between calls; another folder adds its wheels)
+if [ ! -e "/tmp/site/.from-$(basename "${WHEELS:-.whl}")" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl \
+    && touch "/tmp/site/.from-$(basename "${WHEELS:-.whl}")"
 fi
 export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"
