@@ -82,6 +82,26 @@ one() {  # one named stage (a: kernels, b: fp16, c: QLoRA, d: card caps, e: firs
         --json "$OUT/e_cold.json" ;;
     warm) stage warm 120 env GLMLORA_WORKDIR=/tmp/issue13-chat $RUN chat $X --label "first reply, warm (cache kept)" \
       --json "$OUT/e_warm.json" ;;
+    keep24)  # memory left over on a 24 GB card spent on speed: checkpoint only every n-th layer (same call: n=1 too)
+      for n in 1 2 4; do
+        stage "keep24_n$n" 150 env GLMLORA_ATTENTION=$SMALL $RUN train $X $STEPS --every-n $n \
+          --label "24 GB bf16 LoRA (3090 cap), checkpoint 1 of $n layers" --gpu-gib 23.7 --data $DATA \
+          --json "$OUT/d_keep24_n$n.json"
+      done ;;
+    keep20)  # the same on 20 GB (InternStudio's quarter A100): 4096 x 1, else 2048 x 2
+      stage keep20_n2 150 env GLMLORA_ATTENTION=$SMALL $RUN train $X $STEPS --every-n 2 \
+        --label "20 GB bf16 LoRA (quarter A100 cap), checkpoint 1 of 2 layers" --gpu-gib 19.5 --data $DATA \
+        --json "$OUT/d_keep20_n2.json"
+      if ! grep -q '"headroom_ok": true' "$OUT/d_keep20_n2.json" 2>/dev/null; then
+        stage keep20_n2_2048 150 env GLMLORA_ATTENTION=$SMALL $RUN train $X $STEPS --every-n 2 --pack 2048 --ga 2 \
+          --label "20 GB bf16 LoRA (quarter A100 cap), 2048 x 2, checkpoint 1 of 2 layers" --gpu-gib 19.5 \
+          --data $DATA --json "$OUT/d_keep20_n2_2048.json"
+      fi ;;
+    cg_cold) rm -rf /tmp/issue13-chat-cg
+      stage cg_cold 150 env GLMLORA_WORKDIR=/tmp/issue13-chat-cg $RUN chat $X --backend cudagraphs \
+        --label "first reply, cold, CUDA graphs of eager kernels" --json "$OUT/e_cg_cold.json" ;;
+    cg_warm) stage cg_warm 120 env GLMLORA_WORKDIR=/tmp/issue13-chat-cg $RUN chat $X --backend cudagraphs \
+        --label "first reply, warm, CUDA graphs of eager kernels" --json "$OUT/e_cg_warm.json" ;;
     precompile)  # experimental: dynamo's caching precompile, saved after the first reply
       rm -rf /tmp/issue13-chat-pc
       for t in cold warm; do

@@ -280,7 +280,11 @@ def write_config(args: argparse.Namespace, suggestion: Any, folder: Path) -> Pat
               "output_dir": str(folder / "run"), "adapter_dir": str(folder / "adapter"),
               "training": {"max_steps": args.steps, "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no",
                            "disable_tqdm": True, "warmup_steps": 0,
-                           "gradient_accumulation_steps": args.ga or suggestion.gradient_accumulation_steps}}
+                           "gradient_accumulation_steps": args.ga or suggestion.gradient_accumulation_steps,
+                           # every_n_layers: transformers checkpoints every n-th decoder layer; the others keep
+                           # their activations (memory spent on speed: no recomputation there)
+                           "gradient_checkpointing_kwargs": {"use_reentrant": False,
+                                                             "every_n_layers": args.every_n or 1}}}
     if args.tiny:  # the plumbing on a CPU: no 4-bit there (bitsandbytes needs CUDA)
         config["pack_tokens"], config["max_length"], config["load_in_4bit"] = 1024, 512, False
     if args.data:
@@ -321,7 +325,7 @@ def train_stage(args: argparse.Namespace) -> dict:
     out = {"label": args.label, "gpu_gib": args.gpu_gib, "cap_gib": cap, "fp16": args.fp16, "card": card_name(),
            "settings": dataclasses.asdict(suggestion), "pack_tokens": cfg.pack_tokens,
            "gradient_accumulation_steps": cfg.training["gradient_accumulation_steps"],
-           "load_in_4bit": cfg.load_in_4bit, "kbit_prepare": args.kbit_prepare,
+           "load_in_4bit": cfg.load_in_4bit, "kbit_prepare": args.kbit_prepare, "every_n_layers": args.every_n or 1,
            "attention": os.environ.get("GLMLORA_ATTENTION", "auto"),
            "compile_layers": os.environ.get("GLMLORA_COMPILE_LAYERS", "1") != "0", "steps": result.global_step,
            "warmup_steps": WARMUP_STEPS, "row_tokens_per_s": result.steady_tokens_per_second,
@@ -366,8 +370,9 @@ def train_table(rows: list[dict]) -> str:
         speed = f"{r['row_tokens_per_s']:,.0f}" if r.get("row_tokens_per_s") else "-"
         first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else "-"
         precision = "fp16" if r.get("fp16") else "bf16"
+        every = f", ckpt 1/{r['every_n_layers']}" if r.get("every_n_layers", 1) > 1 else ""
         lines.append(f"| {r['label']} | {precision} | {r.get('load_in_4bit')} | {r.get('pack_tokens')} x "
-                     f"{r.get('gradient_accumulation_steps')} | {cap} | {r['peak_allocated_gib']:.2f} | {reserved} | "
+                     f"{r.get('gradient_accumulation_steps')}{every} | {cap} | {r['peak_allocated_gib']:.2f} | {reserved} | "
                      f"{r.get('headroom_ok')} | {speed} | {first} | {loss} |")
     return "\n".join(lines)
 
@@ -442,6 +447,18 @@ def chat_stage(args: argparse.Namespace) -> dict:
     from glmlora.pipeline import ensure_native_model
     from glmlora.profiles import select_profile
 
+    if args.backend != "inductor":  # what-if: CUDA graphs of the eager kernels (no inductor code generation)
+        import glmlora.decoding as decoding
+
+        steps: dict = {}
+
+        def compiled_step(model: Any, how: Any = "reduce-overhead") -> Any:
+            if "step" not in steps:
+                decoding.use_compile_cache()
+                steps["step"] = torch.compile(lambda *a: decoding._step(model, *a), backend=args.backend)
+            return steps["step"]
+
+        decoding.compiled_step = compiled_step
     native = ensure_native_model(select_profile("tiny" if args.tiny else "full-random"))
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else None
@@ -455,6 +472,7 @@ def chat_stage(args: argparse.Namespace) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    ms_per_token = decode_speed(model, tok, settings)
     if args.precompile_save:
         torch.compiler.save_cache_artifacts()
     try:
@@ -464,11 +482,33 @@ def chat_stage(args: argparse.Namespace) -> dict:
     except Exception as e:  # noqa: BLE001 - diagnostics only
         phases = f"{type(e).__name__}: {e}"
     out = {"label": args.label, "card": card_name(), "cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+           "backend": args.backend, "ms_per_token": ms_per_token,
            "load_s": load_s, "first_reply_s": times[0], "second_reply_s": times[1], "compile_phases": phases,
            "caching_precompile": os.environ.get("TORCH_CACHING_PRECOMPILE") == "1"}
-    print(f"{args.label}: first reply {times[0]:.1f} s, second {times[1]:.2f} s (model load {load_s:.1f} s, not "
-          f"counted) on {out['card']}; cache {out['cache']}")
+    print(f"{args.label}: first reply {times[0]:.1f} s, second {times[1]:.2f} s, then {ms_per_token:.2f} ms per token "
+          f"(model load {load_s:.1f} s, not counted) on {out['card']}; cache {out['cache']}")
     return out
+
+
+def decode_speed(model: Any, tok: Any, settings: Any, new: int = 256) -> float:
+    """Milliseconds per token of the fast loop once compiled: ``new`` greedy tokens with no stop id, timed."""
+    import torch
+
+    from glmlora.decoding import decode
+    from glmlora.generate import FAST_CONTEXT, static_cache
+
+    ids = torch.tensor([tok.build_conversation([{"role": "user", "content": "你好"}], add_generation_prompt=True)],
+                       device=model.device)
+    run = lambda: decode(model, static_cache(model, FAST_CONTEXT), ids, torch.ones_like(ids), max_new_tokens=new,  # noqa: E731
+                         stop_ids=[], pad_id=tok.pad_token_id, compile=model.device.type == "cuda")
+    run()  # the prompt length is new to this process: nothing may compile inside the timing
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000 / new
 
 
 # ---------------------------------------------------------------------------------------------- table, main
@@ -478,6 +518,7 @@ def table(paths: list[Path]) -> str:
     parts = [train_table(runs)] if runs else []
     parts += [flex_table(r) for r in rows if "candidates" in r]
     parts += [f"{r['label']}: first reply {r['first_reply_s']:.1f} s, second {r['second_reply_s']:.2f} s"
+              + (f", {r['ms_per_token']:.2f} ms per token" if r.get("ms_per_token") else "")
               for r in rows if "first_reply_s" in r]
     parts += ["\n".join(f"train_bench {v['variant']}: {v['real_tokens_per_s']:,.0f} real tokens/s, MFU "
                         f"{v['useful_mfu']:.1%} of the measured matmul rate / {v['spec_mfu']:.1%} of the spec peak, "
@@ -502,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--fp16", action="store_true", help="the fp16-only card path (GLMLORA_NO_BF16=1)")
     train.add_argument("--pack", type=int, help="override the suggested pack_tokens")
     train.add_argument("--ga", type=int, help="override the suggested gradient accumulation")
+    train.add_argument("--every-n", type=int, help="checkpoint every n-th decoder layer only (default 1: all)")
     train.add_argument("--load-in-4bit", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
     train.add_argument("--kbit-prepare", choices=["glmlora", "peft"], default="glmlora")
     train.add_argument("--steps", type=int, default=12)
@@ -511,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--adapter", required=True)
     chat_p = sub.add_parser("chat", help="(e) first reply in this fresh process")
     chat_p.add_argument("--label", default="first reply")
+    chat_p.add_argument("--backend", default="inductor", help="torch.compile backend of the decode step "
+                        "(inductor: glmlora's 'reduce-overhead'; cudagraphs: CUDA graphs of the eager kernels)")
     chat_p.add_argument("--precompile-save", action="store_true", help="save dynamo's precompile cache at the end")
     tab = sub.add_parser("table", help="one table from several JSON files")
     tab.add_argument("files", nargs="+", type=Path)

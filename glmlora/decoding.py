@@ -123,7 +123,9 @@ def decode_steps(model: Any, cache: Any, input_ids: torch.Tensor, attention_mask
     nxt = sample_next(logits, draw(), temperature_t, top_p_t, top_k)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     tokens = torch.empty(batch, 1, dtype=torch.long, device=device)
-    positions = positions[:, -1:].clone()
+    # a fresh (batch, 1) buffer: a slice's clone keeps the prompt's stride, and the compiled step guards on
+    # strides, so every new prompt length compiled the whole step again (30 s at 6B size)
+    positions = torch.empty(batch, 1, dtype=positions.dtype, device=device).copy_(positions[:, -1:])
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     shown, n = 0, 0

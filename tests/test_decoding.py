@@ -138,3 +138,26 @@ def test_compiled_step_equals_the_eager_loop_for_a_peft_model_adapter_on_and_off
                 runs[adapter, compiled] = _decode(model, tok, enc, new=16, context=128, compile=compiled)
     assert torch.equal(runs[True, False], runs[True, True]) and torch.equal(runs[False, False], runs[False, True])
     assert not torch.equal(runs[True, False], runs[False, False])  # the adapter really was off
+
+
+def test_a_new_prompt_length_reuses_the_compiled_step(memorised, monkeypatch):
+    """The compiled decode step is traced once, whatever the prompt's length: each argument keeps its shape *and*
+    strides from reply to reply (a stride that followed the prompt length made every reply compile again)."""
+    import torch._dynamo
+
+    import glmlora.decoding as decoding
+
+    model, tok, *_ = memorised
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda *args: decoding._step(model, *args), backend=counting)
+    monkeypatch.setattr(decoding, "compiled_step", lambda model, how="reduce-overhead": step)
+    for text in ("short", "a much longer question with many more words in it than the first one"):
+        _decode(model, tok, _prompts(tok, [text]), new=8, context=128, compile=True)
+    torch._dynamo.reset()
+    assert len(graphs) == 1
