@@ -40,6 +40,7 @@ class TrainConfig:
     max_length: int | None = None
     speed_ups: bool | None = None  # None: on CUDA (flex attention, Liger loss, compiled layers)
     load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only), for 10-16 GB cards
+    checkpoint_every: int | None = None  # checkpoint every n-th decoder layer; None: 2 where memory allows, else 1
     training: dict[str, Any] = field(default_factory=dict)  # any TrainingArguments field
     output_dir: str | None = None  # None: profile.run_dir
     adapter_dir: str | None = None  # None: profile.adapter_dir
@@ -64,7 +65,8 @@ def _top_limits() -> dict[str, Any]:
     tokens = Annotated[int, Field(ge=MIN_LENGTH)]
     return {"profile": Literal[("auto", *PROFILES)] | None, "lora": dict | None, "training": dict | None,
             "data": text | None, "output_dir": text | None, "adapter_dir": text | None, "resume": text,
-            "pack_tokens": tokens | None, "max_length": tokens | None}
+            "pack_tokens": tokens | None, "max_length": tokens | None,
+            "checkpoint_every": Annotated[int, Field(ge=1, le=64)] | None}
 
 
 @functools.cache
@@ -204,9 +206,12 @@ def make_arguments(cfg: TrainConfig, profile: Any, output_dir: Path):
 
     ``ddp_find_unused_parameters=False``: every LoRA weight gets a gradient each step, and for a PEFT model
     Trainer would otherwise ask DDP to search the autograd graph for unused ones on every step."""
+    from .environment import checkpoint_every_for, checkpointing_kwargs
     from .training import training_arguments
 
-    overrides = {"eval_strategy": "epoch", "ddp_find_unused_parameters": False, **profile.train_overrides,
+    every = checkpoint_every_for(profile.name, cfg.checkpoint_every, profile.pack_tokens, cfg.load_in_4bit)
+    overrides = {"eval_strategy": "epoch", "ddp_find_unused_parameters": False,
+                 "gradient_checkpointing_kwargs": checkpointing_kwargs(every), **profile.train_overrides,
                  **cfg.training}
     try:
         return training_arguments(output_dir, **overrides)

@@ -238,6 +238,7 @@ CONFIG_CASES = [
     ("pack-tokens-float", "pack_tokens: 1.5\n", 1, "key 'pack_tokens' must be a valid integer, got float 1.5"),
     ("speed-ups-text", "speed_ups: maybe\n", 1, "key 'speed_ups' must be a valid boolean"),
     ("four-bit-number", "load_in_4bit: 1\n", 1, "key 'load_in_4bit' must be a valid boolean, got int 1"),
+    ("checkpoint-every-zero", "checkpoint_every: 0\n", 1, "key 'checkpoint_every' must be greater than or equal to 1"),
     ("resume-empty", "resume: ''\n", 1, "key 'resume' must be non-empty text"),
     ("resume-not-a-checkpoint", "resume: {tmp}\n", 1, "key 'resume': {tmp} cannot be resumed from: no trainer_state"),
     ("resume-missing", "resume: {tmp}/gone\n", 1, "key 'resume': {tmp}/gone cannot be resumed from: not a directory"),

@@ -89,6 +89,29 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_original, tm
     assert len(read_log_history(tmp_path)) >= 6
 
 
+def test_trainer_checkpoints_every_nth_layer_as_the_arguments_say(tiny_original, tmp_path):
+    """``checkpoint_every`` reaches the decoder layers through Trainer (which enables checkpointing again at the
+    start of ``train()``): with 2, every 2nd layer recomputes and the others keep their activations."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from glmlora.profiles import select_profile
+    from glmlora.train import TrainConfig, make_arguments
+
+    native = ensure_native(tiny_original)
+    tok = load_tokenizer(native)
+    ds, _ = tokenize_records(load_records(sample_data_path())[:4], tok, max_length=128)
+    for every in (1, 2):
+        cfg = TrainConfig(profile="tiny", checkpoint_every=every,
+                          training={"max_steps": 1, "per_device_train_batch_size": 4, "save_strategy": "no",
+                                    "eval_strategy": "no", "disable_tqdm": True})
+        args = make_arguments(cfg, select_profile("tiny"), tmp_path)
+        assert args.gradient_checkpointing_kwargs == {"use_reentrant": False, "every_n_layers": every}
+        model = add_lora(load_model(native, dtype=torch.float32), lora_config())
+        Trainer(model=model, args=args, train_dataset=ds, data_collator=collator(tok), processing_class=tok).train()
+        flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert len(flags) >= 2 and flags == [i % every == 0 for i in range(len(flags))]
+
+
 def test_loss_plot_is_written(tmp_path):
     history = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 2.5}]
     fig = plot_loss(history, tmp_path / "loss.png")
