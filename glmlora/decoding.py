@@ -59,8 +59,8 @@ def compiled_step(model: Any, how: str | dict = "reduce-overhead") -> Callable[.
     key = how if isinstance(how, str) else repr(sorted(how.items()))
     if key not in steps:
         cache = use_compile_cache()  # kept under the work directory: a new process loads instead of compiling
-        print(f"compiling the decode step for this GPU: this first reply takes longer (about a minute at 6B size; "
-              f"a later process reuses what is cached in {cache})", flush=True)
+        print(f"compiling the decode step for this GPU: this first reply takes longer (about 40 s at 6B size on "
+              f"an H100; a later process loads what is cached in {cache}: about 10 s)", flush=True)
         fn = lambda *args: _step(model, *args)  # noqa: E731
         steps[key] = (torch.compile(fn, mode=how) if isinstance(how, str) else torch.compile(fn, options=how))
     return steps[key]
@@ -68,7 +68,7 @@ def compiled_step(model: Any, how: str | dict = "reduce-overhead") -> Callable[.
 
 def will_compile(model: Any) -> bool:
     """Whether the next fast-path reply compiles the decode step first (on CUDA, once per model): a chat UI
-    says so, because at 6B size it takes about a minute."""
+    says so, because at 6B size it takes about 40 s (about 10 s from the cache of an earlier process)."""
     return model.device.type == "cuda" and not model.__dict__.get("_glmlora_decode_steps")
 
 

@@ -29,9 +29,10 @@ FLEX_SMALL_SMEM = "glmlora_flex_attention"
 #: 166,912 B, an H100/H200 232,448 B; consumer Ampere/Ada/Blackwell (sm86, sm89, sm120) 101,376 B.
 ROOMY_SHARED_MEMORY = 160 * 1024
 #: Flex-attention kernel options for cards with 101,376 B per block, at ChatGLM3's head_dim 128: two pipeline
-#: stages in the forward and the backward kernel. With three (torch 2.11's choice for sm86), the backward kernel
-#: compiled on an H200 needed 133,632 B; with two, 99,584 B (issue 13; ``benchmarks/issue13.py flex`` checks
-#: every candidate's compiled kernels, for sm86 / sm89 as well, and times them).
+#: stages in the forward and the backward kernel. Compiled for sm86 / sm89 they need 66,048 B (forward) and
+#: 68,608 B (backward), at 4.5x SDPA's speed on an H100; torch 2.11's own sm86 choice (three backward stages) needs
+#: 86,016 B there, also within the limit, but leaves less margin (BENCHMARKS.md, "Training attention kernels per
+#: card"; ``benchmarks/issue13.py flex`` compiles every candidate for sm86 / sm89 and times it).
 SMALL_SMEM_OPTIONS: dict[str, int] = {
     "fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 8,
     "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
@@ -51,7 +52,7 @@ def use_compile_cache(directory: str | Path | None = None) -> Path:
     """Keep torch.compile's on-disk caches (inductor's compiled graphs, Triton's kernels) under the work directory.
 
     By default they live in ``/tmp``, which a reboot empties (and some cloud machines wipe), so every new process
-    on a fresh machine pays the whole compile again (about a minute for the 6B decode step). Called before the
+    on a fresh machine pays the whole compile again (about 40 s for the 6B decode step on an H100; about 10 s from the cache). Called before the
     first compile; a ``TORCHINDUCTOR_CACHE_DIR`` the user set stays as it is. Returns the cache directory.
     """
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -344,5 +345,6 @@ def speed_up(model: Any) -> list[str]:
         return applied
     n = compile_layers(model)
     announce_first_step(model, f"compiling the {n} decoder layers for this GPU: the first training step takes "
-                               f"longer (about a minute at 6B size; cached in {use_compile_cache()} for later runs)")
+                               f"longer (about 20 s at 6B size on an H100; cached in {use_compile_cache()}, so later runs "
+                               f"take a few seconds)")
     return applied + ["torch.compile per decoder layer"]
