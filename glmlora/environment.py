@@ -422,14 +422,16 @@ def suggest_training_config(gpu_gib: float | None = None, bf16: bool | None = No
         return TrainingSuggestion(
             "full", 2048, 2, 1024,
             f"{gpu_gib:.1f} GiB: rows of 2,048 x accumulation 2 train on the same tokens per step as 4,096 x 1 — "
-            f"measured peak 12.6 GiB allocated under a 15.1 GiB cap (BENCHMARKS.md, emulated)",
-            _precision(bf16, gpu_gib, False))
+            + ("measured peak 12.6 GiB allocated under a 15.1 GiB cap" if bf16 else
+               "measured peak 12.7 GiB allocated under a 14.1 GiB cap on the fp16 path")
+            + " (BENCHMARKS.md, emulated)", _precision(bf16, gpu_gib, False))
     if gpu_gib >= QLORA_MIN_GIB:
         return TrainingSuggestion(
             "full", 2048, 2, 1024,
             f"{gpu_gib:.1f} GiB cannot hold the 11.6 GiB of 16-bit weights: QLoRA loads the base in 4 bits "
             f"(~{QLORA_WEIGHTS_GIB:.1f} GiB) and trains LoRA on top; rows of 2,048 x accumulation 2 — measured peak "
-            f"4.9 GiB allocated under a 9.3 GiB cap (BENCHMARKS.md, emulated)",
+            f"4.9 GiB allocated under a 9.3 GiB cap (BENCHMARKS.md, emulated"
+            + (")" if bf16 else ", with bf16 compute; fp16 compute not measured)"),
             _precision(bf16, gpu_gib, True), load_in_4bit=True)
     why = f"{gpu_gib:.1f} GiB is too little for the 6B model, even in 4 bits" if gpu_gib else "no CUDA GPU"
     return TrainingSuggestion("tiny", 1024, 1, 512, f"{why}: learn with the tiny model",

@@ -211,6 +211,14 @@ def test_big_card_reason_cites_the_measurement():
     assert "23.7 GiB" in reason and "every 2nd layer" in reason
 
 
+def test_reasons_cite_the_run_of_that_path():
+    """A card without bf16 is told the fp16 path's own measurement, and what was not measured for it."""
+    assert "14.1 GiB cap on the fp16 path" in suggest_training_config(14.6, bf16=False).reason
+    assert "15.1 GiB cap" in suggest_training_config(15.6, bf16=True).reason
+    assert "fp16 compute not measured" in suggest_training_config(10.7, bf16=False).reason
+    assert "not measured" not in suggest_training_config(11.7, bf16=True).reason
+
+
 def test_suggestion_for_small_cards_is_the_tiny_profile():
     assert suggest_training_config(7.8, bf16=True).reason.startswith("7.8 GiB is too little for the 6B model")
     no_gpu = suggest_training_config(0.0, bf16=False)
