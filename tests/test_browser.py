@@ -368,7 +368,7 @@ const scroll = q('.glmlora-scroll'), replies = box.querySelectorAll('.glmlora-re
 const reply = replies.length ? replies[replies.length - 1] : null;
 return {input: q('.glmlora-input input').disabled, send: q('.glmlora-send').disabled,
         clear: q('.glmlora-clear').disabled, stop: q('.glmlora-stop').disabled,
-        status: q('.glmlora-status').textContent, reply: reply ? reply.textContent : '',
+        status: q('.glmlora-status').textContent, reply: reply ? reply.textContent : '', replies: replies.length,
         height: scroll.clientHeight, scrolled: scroll.scrollHeight, top: scroll.scrollTop,
         newest_visible: reply ? reply.getBoundingClientRect().bottom <= scroll.getBoundingClientRect().bottom + 1
                                 && reply.getBoundingClientRect().bottom > scroll.getBoundingClientRect().top : true};
@@ -401,10 +401,10 @@ def _send(browser: webdriver.Chrome, box: WebElement, text: str, enter: bool = F
     else:
         box.find_element(By.CSS_SELECTOR, ".glmlora-send").click()
 
-    def done() -> dict[str, Any] | None:
+    def done() -> dict[str, Any] | None:  # one snapshot: a reply can arrive between two separate reads
         state = _state(browser, box)
         unlocked = not (state["input"] or state["send"]) and state["stop"]
-        return state if unlocked and len(_bubbles(box, "reply")) == replies + 1 else None
+        return state if unlocked and state["replies"] == replies + 1 else None
 
     return _wait_for(done, 60, f"no complete reply to {text!r}")
 
