@@ -8,16 +8,16 @@ since random weights stop anywhere). Prints decode tokens/s, time to first token
 
   a  the original loop: PeftModel *unmerged* on fp16 weights, generate(max_length=prompt + 256)
   b  glmlora: LoRA merged into bf16 weights, the 4,096-token static KV cache that chat() keeps, glmlora.decoding's
-     loop (model step and sampling in one compiled CUDA graph, the host looks at the tokens every 32) with
-     glmlora.attention's one-token attention (no copies of the 2 k/v heads) and one q/k/v matrix product -
-     what chat() runs on CUDA
+     loop (glmlora.decode_step: model step and sampling in one CUDA graph of per-layer compiled code, the host
+     looks at the tokens every 32) with one-token attention (no copies of the 2 k/v heads) and one q/k/v matrix
+     product - what chat() runs on CUDA
   diagnostics in the same run (--variants picks; default all): b_context_1024 (a 1,024-token cache);
-  b_check_every_8 (as when streaming); b_sdpa / b_sdpa_1024 (transformers' SDPA attention, which copies the
-  k/v heads out to 32 over the whole cache every layer; q/k/v separate); b_unfused (b with q, k and v as three
-  products); b_dynamic_cache (transformers' generate, dynamic cache); b_hf_static (transformers' generate on a
-  static cache with its own compiled step)
-  --extra autotune,flex: b compiled with mode "max-autotune" plus coordinate-descent tuning (inductor benchmarks
-  its own kernels against cuBLAS for each shape; long compile), and b with flex attention
+  b_check_every_8 (as when streaming); b_unfused (b with q, k and v as three products); b_dynamic_cache
+  (transformers' generate, dynamic cache); b_hf_static (transformers' generate on a static cache with its own
+  compiled step). The runs of 2026-11-28 also measured b_sdpa / b_flex (the decode step through transformers'
+  attention functions, which copy the k/v heads); the step no longer calls them.
+  --extra autotune: b compiled with mode "max-autotune" plus coordinate-descent tuning (inductor benchmarks
+  its own kernels against cuBLAS for each shape; long compile)
   --quick leaves out a, b_dynamic_cache (slow, unchanged by glmlora's loop) and the stream check in follow-up runs
 """
 
@@ -46,16 +46,13 @@ NEW = 256
 CONTEXT = 4096  # = glmlora.generate.FAST_CONTEXT, the cache chat() keeps
 #: Decode variants of the loop: name -> (keyword arguments of decode, attention, cache tokens).
 #: The ones that leave the model's q/k/v unfused come first: fusing (b and after) is not undone.
-VARIANTS = {"b_sdpa": ({"grouped_attention": False, "fused_qkv": False}, "sdpa", CONTEXT),
-            "b_sdpa_1024": ({"grouped_attention": False, "fused_qkv": False}, "sdpa", 1024),
-            "b_unfused": ({"fused_qkv": False}, "sdpa", CONTEXT),
+VARIANTS = {"b_unfused": ({"fused_qkv": False}, "sdpa", CONTEXT),
             "b": ({}, "sdpa", CONTEXT),
             "b_check_every_8": ({"check_every": 8}, "sdpa", CONTEXT),
             "b_context_1024": ({}, "sdpa", 1024)}
 #: Opt-in variants (--extra): name -> (keyword arguments of decode, attention, cache tokens).
 AUTOTUNE = {"compile": {"max_autotune": True, "triton.cudagraphs": True, "coordinate_descent_tuning": True}}
-EXTRA = {"autotune": ("b_max_autotune", AUTOTUNE, "sdpa", CONTEXT),
-         "flex": ("b_flex", {"grouped_attention": False}, "flex_attention", CONTEXT)}
+EXTRA = {"autotune": ("b_max_autotune", AUTOTUNE, "sdpa", CONTEXT)}
 
 
 def copy_bandwidth(gib: int = 4) -> float:
@@ -185,8 +182,8 @@ def main() -> int:
     p.add_argument("--no-hf-static", action="store_true", help="skip b_hf_static (transformers' compiled generate)")
     p.add_argument("--quick", action="store_true",
                    help="skip a, b_dynamic_cache and the stream check (for follow-up runs)")
-    p.add_argument("--profile", action="store_true", help="profile 64 tokens of b and b_sdpa (kernels per token)")
-    p.add_argument("--extra", default="", help="extra decode variants (comma-separated): autotune, flex")
+    p.add_argument("--profile", action="store_true", help="profile 64 tokens of b (kernels per token)")
+    p.add_argument("--extra", default="", help="extra decode variants (comma-separated): autotune")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -237,7 +234,7 @@ def main() -> int:
     extras = [EXTRA[x] for x in args.extra.split(",") if x]
     setup_now = None
     for name, extra, attention, context in [(v, *VARIANTS[v]) for v in wanted] + extras:
-        setup = (attention, extra.get("grouped_attention", True), extra.get("fused_qkv", True))
+        setup = (attention, extra.get("fused_qkv", True))
         if setup != setup_now or name in {e[0] for e in extras}:  # a fresh compile
             torch._dynamo.reset()
             merged.__dict__.pop("_glmlora_decode_steps", None)
@@ -254,7 +251,7 @@ def main() -> int:
         except Exception as e:  # record why the fast path failed
             results[f"{name}_error"] = f"{type(e).__name__}: {e}"[:800]
         print(name, results.get(name, results.get(f"{name}_error")), flush=True)
-        if args.profile and name in ("b", "b_sdpa") and name in results:
+        if args.profile and name == "b" and name in results:
             results[f"profile_{name}"] = prof = profile_decode(merged, ids, context=context, **loop, **extra)
             print(f"profile of {name}: {prof['wall_ms_per_token']:.2f} ms per token, GPU busy "
                   f"{prof['gpu_busy_ms_per_token']:.2f} ms in {prof['kernel_calls_per_token']:.0f} kernel calls",

@@ -8,8 +8,8 @@
 # (a copy of ../shared/data/cpsycound_singleturn.jsonl), both git-ignored: name both in the call's carry list.
 # Emulated cards: memory = a per-process cap (the card's reported GiB - 0.5 GiB of CUDA context); attention = what
 # glmlora.fast.training_attention() picks on that card (GLMLORA_ATTENTION: flex-small-smem on sm86/sm89, SDPA on
-# the T4). Optional stages: peft (QLoRA with peft's prepare_model_for_kbit_training), precompile (dynamo's caching
-# precompile for the first reply).
+# the T4). Optional stages: peft (QLoRA with peft's prepare_model_for_kbit_training); lora_cold, lora_warm (the first
+# reply through an unmerged LoRA adapter); old_cold, old_warm (the first reply with glmlora's previous decode step).
 # TINY=1 PY=.venv/bin/python: the same plumbing with the tiny model on a CPU (no build, 2 steps, GPU-only stages skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,7 +80,7 @@ one() {  # one named stage (a: kernels, b: fp16, c: QLoRA, d: card caps, e: firs
     cold) rm -rf /tmp/issue13-chat   # a fresh work directory: nothing compiled yet
       stage cold 200 env GLMLORA_WORKDIR=/tmp/issue13-chat $RUN chat $X --label "first reply, cold (new cache)" \
         --json "$OUT/e_cold.json" ;;
-    warm) stage warm 120 env GLMLORA_WORKDIR=/tmp/issue13-chat $RUN chat $X --label "first reply, warm (cache kept)" \
+    warm) stage warm 120 env GLMLORA_WORKDIR=/tmp/issue13-chat $RUN chat $X ${CHAT_ARGS:-} --label "first reply, warm (cache kept)" \
       --json "$OUT/e_warm.json" ;;
     keep24)  # memory left over on a 24 GB card spent on speed: checkpoint only every n-th layer (same call: n=1 too)
       for n in 1 2 4; do
@@ -97,18 +97,15 @@ one() {  # one named stage (a: kernels, b: fp16, c: QLoRA, d: card caps, e: firs
           --label "20 GB bf16 LoRA (quarter A100 cap), 2048 x 2, checkpoint 1 of 2 layers" --gpu-gib 19.5 \
           --data $DATA --json "$OUT/d_keep20_n2_2048.json"
       fi ;;
-    cg_cold) rm -rf /tmp/issue13-chat-cg
-      stage cg_cold 150 env GLMLORA_WORKDIR=/tmp/issue13-chat-cg $RUN chat $X --backend cudagraphs \
-        --label "first reply, cold, CUDA graphs of eager kernels" --json "$OUT/e_cg_cold.json" ;;
-    cg_warm) stage cg_warm 120 env GLMLORA_WORKDIR=/tmp/issue13-chat-cg $RUN chat $X --backend cudagraphs \
-        --label "first reply, warm, CUDA graphs of eager kernels" --json "$OUT/e_cg_warm.json" ;;
-    precompile)  # experimental: dynamo's caching precompile, saved after the first reply
-      rm -rf /tmp/issue13-chat-pc
-      for t in cold warm; do
-        stage "pc_$t" 150 env GLMLORA_WORKDIR=/tmp/issue13-chat-pc TORCHINDUCTOR_CACHE_DIR=/tmp/issue13-chat-pc/compile-cache \
-          TORCH_CACHING_PRECOMPILE=1 $RUN chat $X --label "first reply, $t, caching precompile" --precompile-save \
-          --json "$OUT/e_precompile_$t.json"
-      done ;;
+    lora_cold) rm -rf /tmp/issue13-chat-lora   # lesson 06's case: chat through an unmerged LoRA adapter
+      stage lora_cold 200 env GLMLORA_WORKDIR=/tmp/issue13-chat-lora $RUN chat $X --lora \
+        --label "first reply through LoRA, cold (new cache)" --json "$OUT/e_lora_cold.json" ;;
+    lora_warm) stage lora_warm 120 env GLMLORA_WORKDIR=/tmp/issue13-chat-lora $RUN chat $X --lora \
+        --label "first reply through LoRA, warm (cache kept)" --json "$OUT/e_lora_warm.json" ;;
+    old_cold|old_warm)  # the same stage with glmlora before decode_step (.gpu/old/glmlora: git archive 808a086 glmlora)
+      [ "$1" = old_cold ] && rm -rf /tmp/issue13-chat-old
+      stage "$1" 200 env GLMLORA_WORKDIR=/tmp/issue13-chat-old GLMLORA_PATH="$PWD/.gpu/old" $RUN chat $X \
+        --label "first reply, ${1#old_}, whole-model compile (glmlora 808a086)" --json "$OUT/e_$1.json" ;;
     *) echo "unknown stage $1"; exit 2 ;;
   esac
 }

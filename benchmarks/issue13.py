@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# GLMLORA_PATH: measure another glmlora (an older version unpacked elsewhere) with the same stages
+sys.path.insert(0, os.environ.get("GLMLORA_PATH") or str(ROOT))
 GIB = 1024 ** 3
 #: A card's memory is emulated by capping this process at what the card reports to torch (``--gpu-gib``: RTX 3090
 #: 23.7 GiB, quarter A100 19.5, RTX 4060 Ti 15.6, T4 14.6, RTX 3060 11.7, RTX 3080 9.8) minus ~0.5 GiB of CUDA
@@ -439,42 +440,58 @@ def qlora_check(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------- (e) first reply
 def chat_stage(args: argparse.Namespace) -> dict:
     """Load the model (not timed into the reply), then time the first and second reply of ``chat`` in this fresh
-    process. ``GLMLORA_WORKDIR`` decides where the compile cache lives (glmlora.fast.use_compile_cache)."""
+    process. ``GLMLORA_WORKDIR`` decides where the compile cache lives (glmlora.fast.use_compile_cache). ``--lora``:
+    chat through an unmerged random LoRA adapter on q/k/v (lesson 06's case) instead of the bare model. Run with an
+    older glmlora first on PYTHONPATH, the same stage measures that version (the whole-model compile before
+    glmlora.decode_step) on the same machine."""
     import torch
 
+    import glmlora
     from glmlora import load_model, load_tokenizer
     from glmlora.generate import GenerationSettings, chat
     from glmlora.pipeline import ensure_native_model
     from glmlora.profiles import select_profile
 
-    if args.backend != "inductor":  # what-if: CUDA graphs of the eager kernels (no inductor code generation)
-        import glmlora.decoding as decoding
-
-        steps: dict = {}
-
-        def compiled_step(model: Any, how: Any = "reduce-overhead") -> Any:
-            if "step" not in steps:
-                decoding.use_compile_cache()
-                steps["step"] = torch.compile(lambda *a: decoding._step(model, *a), backend=args.backend)
-            return steps["step"]
-
-        decoding.compiled_step = compiled_step
     native = ensure_native_model(select_profile("tiny" if args.tiny else "full-random"))
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else None
     model, tok = load_model(native, device_map=device).eval(), load_tokenizer(native)
+    if args.lora:
+        from peft import get_peft_model
+
+        from glmlora.lora import lora_config
+
+        model = get_peft_model(model, lora_config()).eval()
+        with torch.no_grad():  # a trained adapter's B is not zero: make the LoRA products count
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.01)
+    if torch.cuda.is_available():  # loading may still be copying weights: that belongs to the load, not the reply
+        torch.cuda.synchronize()
     load_s = time.perf_counter() - start
     settings = GenerationSettings(max_new_tokens=64, do_sample=False)
-    times = []
+    times, profile = [], None
     for question in ("你好，我最近总是睡不好。", "工作压力很大，我该怎么办？"):
+        if args.profile and not times:  # where the first reply's time goes, by Python function (GPU waits included)
+            import cProfile
+
+            profile = cProfile.Profile()
+            profile.enable()
         start = time.perf_counter()
         chat(model, tok, question, settings=settings)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        if profile is not None and len(times) == 1:
+            profile.disable()
+            import io
+            import pstats
+
+            text = io.StringIO()
+            pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(45)
+            pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+            print(text.getvalue())
     ms_per_token = decode_speed(model, tok, settings)
-    if args.precompile_save:
-        torch.compiler.save_cache_artifacts()
     try:
         from torch._dynamo.utils import compile_times
 
@@ -482,11 +499,10 @@ def chat_stage(args: argparse.Namespace) -> dict:
     except Exception as e:  # noqa: BLE001 - diagnostics only
         phases = f"{type(e).__name__}: {e}"
     out = {"label": args.label, "card": card_name(), "cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
-           "backend": args.backend, "ms_per_token": ms_per_token,
-           "load_s": load_s, "first_reply_s": times[0], "second_reply_s": times[1], "compile_phases": phases,
-           "caching_precompile": os.environ.get("TORCH_CACHING_PRECOMPILE") == "1"}
+           "glmlora": str(Path(glmlora.__file__).parent), "lora": args.lora, "ms_per_token": ms_per_token,
+           "load_s": load_s, "first_reply_s": times[0], "second_reply_s": times[1], "compile_phases": phases}
     print(f"{args.label}: first reply {times[0]:.1f} s, second {times[1]:.2f} s, then {ms_per_token:.2f} ms per token "
-          f"(model load {load_s:.1f} s, not counted) on {out['card']}; cache {out['cache']}")
+          f"(model load {load_s:.1f} s, not counted) on {out['card']}; cache {out['cache']}; glmlora {out['glmlora']}")
     return out
 
 
@@ -553,9 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--adapter", required=True)
     chat_p = sub.add_parser("chat", help="(e) first reply in this fresh process")
     chat_p.add_argument("--label", default="first reply")
-    chat_p.add_argument("--backend", default="inductor", help="torch.compile backend of the decode step "
-                        "(inductor: glmlora's 'reduce-overhead'; cudagraphs: CUDA graphs of the eager kernels)")
-    chat_p.add_argument("--precompile-save", action="store_true", help="save dynamo's precompile cache at the end")
+    chat_p.add_argument("--lora", action="store_true", help="chat through an unmerged random LoRA adapter")
+    chat_p.add_argument("--profile", action="store_true", help="print a cProfile of the first reply")
     tab = sub.add_parser("table", help="one table from several JSON files")
     tab.add_argument("files", nargs="+", type=Path)
     for s in (flex, one, train, check, chat_p):

@@ -219,7 +219,7 @@ class ChatBox:
         if not text:
             self.status.value = EMPTY_MESSAGE
             return None
-        first = (" (the first reply compiles the decode step for the GPU: about 40 s at 6B size, about 10 s"
+        first = (" (the first reply compiles the decode step for the GPU: 10-25 s at 6B size, 3-9 s"
                  " when an earlier session cached it, then it is fast)" if will_compile(self.session.model) else "")
         self.busy, self._stop_requested, self.error = True, False, None
         self.input.value = ""

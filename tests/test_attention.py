@@ -1,5 +1,6 @@
-"""Decode-time attention changes: the grouped one-token attention (same logits as SDPA, no k/v head copies) and
-one q/k/v matrix product (same logits, parameters and saving untouched, never stale), each only where it applies."""
+"""Decode-time attention changes: the decode step's grouped one-token attention (same logits as transformers' SDPA
+path, no k/v head copies) and one q/k/v matrix product (same logits, parameters and saving untouched, never stale),
+each only where it applies."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from transformers import StaticCache
 from transformers.integrations import sdpa_attention
 
 from glmlora import load_model, load_tokenizer
-from glmlora.attention import NAME, fuse_qkv, use_grouped_decode
+from glmlora.attention import fuse_qkv
 from glmlora.chatglm3 import ensure_native
+from glmlora.decode_step import DecodeStep
 from glmlora.decoding import decode
 
 
@@ -24,8 +26,9 @@ def model_and_prompts(tiny_original):
     return model, tok.pad(rows, padding_side="left", return_tensors="pt")
 
 
-def _logits_per_step(model, enc, steps=6, context=96):
-    """Prefill, then ``steps`` one-token steps on a static cache (fixed next tokens): logits of every step."""
+def _logits_per_step(model, enc, steps=6, context=96, ours=False):
+    """Prefill, then ``steps`` one-token steps on a static cache (fixed next tokens): logits of every step, from
+    the model's own forward or (``ours``) from glmlora's decode step with the logits as its result."""
     cache = StaticCache(config=model.config, max_cache_len=context)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     full = torch.zeros(ids.shape[0], context, dtype=torch.long)
@@ -34,50 +37,47 @@ def _logits_per_step(model, enc, steps=6, context=96):
     out = []
     with torch.no_grad():
         out.append(model(input_ids=ids, attention_mask=full, position_ids=positions, past_key_values=cache).logits)
+        step = DecodeStep(model, cache, sampling=False, top_k=0, options=None) if ours else None
+        if ours:  # the same step, ending in the logits instead of the sampled ids
+            step.parts = step.parts[:2] + (lambda norm, head, hidden, *_: head(norm(hidden)),)
         for i in range(steps):
             full[:, ids.shape[1] + i] = 1
             positions = positions[:, -1:] + 1
             token = torch.full((ids.shape[0], 1), 100 + i)
-            out.append(model(input_ids=token, attention_mask=full, position_ids=positions,
-                             past_key_values=cache).logits)
+            if ours:
+                step.mask.copy_(full), step.positions.copy_(positions), step.tokens.copy_(token)
+                out.append(step())
+            else:
+                out.append(model(input_ids=token, attention_mask=full, position_ids=positions,
+                                 past_key_values=cache).logits)
     return out
 
 
-def test_decode_steps_match_sdpa_without_copying_kv_heads(model_and_prompts, monkeypatch):
+def test_decode_step_matches_the_model_without_copying_kv_heads(model_and_prompts, monkeypatch):
     model, enc = model_and_prompts
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # ChatGLM3's grouped heads
     reference = _logits_per_step(model, enc)
-    assert use_grouped_decode(model) and model.config._attn_implementation == NAME
     copies = []
     real = sdpa_attention.repeat_kv
     monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda x, n: copies.append(x.shape) or real(x, n))
-    grouped = _logits_per_step(model, enc)
-    torch.testing.assert_close(grouped[0], reference[0], rtol=0, atol=0)  # prefill: SDPA itself
-    for ours, ref in zip(grouped[1:], reference[1:]):
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    ours = _logits_per_step(model, enc, ours=True)
+    torch.testing.assert_close(ours[0], reference[0], rtol=0, atol=0)  # prefill: transformers' SDPA itself
+    for mine, ref in zip(ours[1:], reference[1:]):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
     layers = model.config.num_hidden_layers
     assert len(copies) == 2 * layers  # k and v copied in the prefill only, never in the 6 one-token steps
+    assert model.config._attn_implementation == "sdpa"  # the model itself is left as it was
 
 
-def test_decode_loop_ids_unchanged(model_and_prompts):
+def test_decode_loop_ids_unchanged_by_fusing(model_and_prompts):
     model, enc = model_and_prompts
     settings = dict(max_new_tokens=24, stop_ids=[], pad_id=0, compile=False, do_sample=False)
     before = decode(model, StaticCache(config=model.config, max_cache_len=96), enc["input_ids"],
-                    enc["attention_mask"], grouped_attention=False, fused_qkv=False, **settings)
+                    enc["attention_mask"], fused_qkv=False, **settings)
     after = decode(model, StaticCache(config=model.config, max_cache_len=96), enc["input_ids"],
-                   enc["attention_mask"], **settings)  # the defaults: grouped attention, fused q/k/v
-    assert model.config._attn_implementation == NAME
+                   enc["attention_mask"], **settings)  # the default: fused q/k/v
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "_FusedLinear"
     assert torch.equal(before, after)
-
-
-def test_other_attention_left_alone(model_and_prompts):
-    model, _ = model_and_prompts
-    model.set_attn_implementation("eager")
-    assert not use_grouped_decode(model)
-    assert model.config._attn_implementation == "eager"
-    model.set_attn_implementation("sdpa")
-    assert use_grouped_decode(model) and use_grouped_decode(model)  # idempotent
 
 
 def test_fused_qkv_same_logits_parameters_and_saved_files(model_and_prompts, tmp_path):

@@ -140,24 +140,97 @@ def test_compiled_step_equals_the_eager_loop_for_a_peft_model_adapter_on_and_off
     assert not torch.equal(runs[True, False], runs[False, False])  # the adapter really was off
 
 
-def test_a_new_prompt_length_reuses_the_compiled_step(memorised, monkeypatch):
-    """The compiled decode step is traced once, whatever the prompt's length: each argument keeps its shape *and*
-    strides from reply to reply (a stride that followed the prompt length made every reply compile again)."""
+def test_one_compiled_layer_serves_every_layer_and_every_prompt_length(memorised, monkeypatch):
+    """The compiled parts are traced once each, whatever the prompt's length: one layer graph serves all decoder
+    layers (their cache tensors are arguments, not ``layer_idx``), and every buffer keeps its shape and strides
+    from reply to reply (a stride that followed the prompt length once made every reply compile again)."""
     import torch._dynamo
 
-    import glmlora.decoding as decoding
+    from glmlora import decode_step
 
     model, tok, *_ = memorised
-    graphs = []
+    assert model.config.num_hidden_layers > 1
+    graphs: dict[str, int] = {}
 
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+    def counting(name):
+        def backend(gm, example_inputs):
+            graphs[name] = graphs.get(name, 0) + 1
+            return gm.forward
+        return backend
 
     torch._dynamo.reset()
-    step = torch.compile(lambda *args: decoding._step(model, *args), backend=counting)
-    monkeypatch.setattr(decoding, "compiled_step", lambda model, how="reduce-overhead": step)
+    parts = tuple(torch.compile(fn, backend=counting(fn.__name__), dynamic=False)
+                  for fn in (decode_step.prologue, decode_step.layer_step, decode_step.epilogue))
+    monkeypatch.setitem(decode_step._COMPILED, repr([]), parts)
     for text in ("short", "a much longer question with many more words in it than the first one"):
         _decode(model, tok, _prompts(tok, [text]), new=8, context=128, compile=True)
     torch._dynamo.reset()
-    assert len(graphs) == 1
+    assert graphs == {"prologue": 1, "layer_step": 1, "epilogue": 1}
+
+
+class _FakeGraph:
+    """Stands in for a CUDA graph on the CPU: recording runs nothing, each replay runs the recorded step."""
+
+    def __init__(self, step):
+        self.step, self.out = step, None
+
+    def replay(self):
+        self.out.copy_(self.step.forward())
+
+
+def test_the_graph_is_captured_once_and_again_when_the_model_changes(tiny_original, monkeypatch):
+    """The graph logic of the CUDA path, on the CPU: warm-up calls, one capture reused over replies, a new capture
+    after the adapter is switched off or on (a graph reads stale state otherwise), none in training mode."""
+    from peft import get_peft_model
+
+    from glmlora import decode_step
+    from glmlora.chatglm3 import ensure_native, load_model
+    from glmlora.evaluation import adapter_off
+    from glmlora.lora import lora_config
+    from glmlora.tokenizer import load_tokenizer
+
+    native = ensure_native(tiny_original)
+    tok = load_tokenizer(native)
+    model = get_peft_model(load_model(native, dtype=torch.float32), lora_config()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+
+    def capture(step):
+        graph = _FakeGraph(step)
+        graph.out = step.out = torch.empty(step.tokens.shape[0], dtype=torch.long)
+        step.captures += 1
+        return graph
+
+    plain = (decode_step.prologue, decode_step.layer_step, decode_step.epilogue)
+    monkeypatch.setitem(decode_step._COMPILED, repr([]), plain)
+    monkeypatch.setattr(decode_step.DecodeStep, "_warm_up", decode_step.DecodeStep.forward)
+    monkeypatch.setattr(decode_step.DecodeStep, "_capture", capture)
+    enc = _prompts(tok, ["你好 random words", "another question here"])
+    cache = StaticCache(config=model.config, max_cache_len=128)
+
+    def reply(graphs):
+        with torch.inference_mode():
+            cache.reset()
+        ids = decode(model, cache, enc["input_ids"], enc["attention_mask"], max_new_tokens=12,
+                     stop_ids=[], pad_id=tok.pad_token_id, compile=graphs)
+        steps = model._glmlora_decode_steps[cache]  # keyed by (sampling, top_k, compile options)
+        return ids, next(s for key, s in steps.items() if key[2] is not None) if graphs else None
+
+    with torch.no_grad():
+        eager, _ = reply(False)
+        graphed, step = reply(True)
+    step.graphed = step.use_graph = True  # what a CUDA device sets; the first reply ran without graphs
+    step.stamp = None
+    with torch.no_grad():
+        assert torch.equal(reply(True)[0], eager) and step.captures == 1
+        assert torch.equal(reply(True)[0], eager) and step.captures == 1  # replayed, not captured again
+        with adapter_off(model):
+            off, _ = reply(True)
+            assert step.captures == 2 and torch.equal(off, reply(False)[0]) and not torch.equal(off, eager)
+        assert torch.equal(reply(True)[0], eager) and step.captures == 3  # adapter back on: captured again
+        model.train()
+        reply(True)
+        assert step.captures == 3  # training mode (dropout): the step runs without a graph
+    assert torch.equal(graphed, eager)
