@@ -154,6 +154,12 @@ def model_stamp(model: Any) -> tuple:
     return tensors, tuple(modules)
 
 
+def on_one_device(model: Any, device: torch.device) -> bool:
+    """Whether every parameter sits on ``device``: a CUDA graph records one device's work, so a model spread over
+    several GPUs (``device_map="auto"`` on small cards) runs the compiled parts without a graph."""
+    return all(p.device == device for p in model.parameters())
+
+
 # ---------------------------------------------------------------------------------------------- the step
 class DecodeStep:
     """One decode step on one static cache, called once per token: fixed input buffers, one CUDA graph.
@@ -181,7 +187,7 @@ class DecodeStep:
         self.top_p = torch.ones((), device=device)
         self.top_k = top_k
         self.parts: Parts = compiled_parts(options) if options is not None else (prologue, layer_step, epilogue)
-        self.graphed = options is not None and device.type == "cuda"
+        self.graphed = options is not None and device.type == "cuda" and on_one_device(model, device)
         self.graph: Any = None
         self.stamp: tuple | None = None
         self.out: torch.Tensor | None = None

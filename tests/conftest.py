@@ -90,8 +90,8 @@ def memorised_once(tmp_path_factory):
 def memorised(memorised_once):
     """A fresh copy of the memorised model for each test (0.9 M parameters: a copy takes milliseconds).
 
-    The decode loop changes the model it runs for good (grouped decode attention, fused q/k/v copies, cached
-    compiled steps and static caches), and merging or exporting changes weights: with one shared model every
+    The decode loop changes the model it runs for good (fused q/k/v copies, cached decode steps and
+    static caches), and merging or exporting changes weights: with one shared model every
     later test would depend on what earlier tests did, and a "plain generate" reference would not be plain."""
     import copy
 

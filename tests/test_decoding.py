@@ -234,3 +234,13 @@ def test_the_graph_is_captured_once_and_again_when_the_model_changes(tiny_origin
         reply(True)
         assert step.captures == 3  # training mode (dropout): the step runs without a graph
     assert torch.equal(graphed, eager)
+
+
+def test_a_model_spread_over_devices_gets_no_graph(memorised):
+    from glmlora.decode_step import on_one_device
+
+    model, *_ = memorised
+    device = model.device
+    assert on_one_device(model, device)
+    model.model.layers[-1].to("meta")  # stands in for a second GPU: device_map="auto" puts the last layers there
+    assert not on_one_device(model, device)
