@@ -112,24 +112,30 @@ def test_prompt_and_new_tokens_must_fit_the_cache(memorised):
         _decode(model, tok, enc, new=40, context=64)
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on the CPU")
-def test_compiled_step_equals_the_eager_loop_for_a_peft_model_adapter_on_and_off(tiny_original):
-    """The CPU stand-in for the CUDA path: torch.compile of step + sampling changes no id, with LoRA layers in the
-    graph and with the adapter switched off (lesson 07's base model)."""
+def _lora_model(tiny_original):
+    """The tiny model in fp32 with a LoRA adapter whose B is not zero (so switching it off changes the ids)."""
     from peft import get_peft_model
 
     from glmlora.chatglm3 import ensure_native, load_model
-    from glmlora.evaluation import adapter_off
     from glmlora.lora import lora_config
     from glmlora.tokenizer import load_tokenizer
 
     native = ensure_native(tiny_original)
-    tok = load_tokenizer(native)
     model = get_peft_model(load_model(native, dtype=torch.float32), lora_config()).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    return model, load_tokenizer(native)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on the CPU")
+def test_compiled_step_equals_the_eager_loop_for_a_peft_model_adapter_on_and_off(tiny_original):
+    """The CPU stand-in for the CUDA path: torch.compile of step + sampling changes no id, with LoRA layers in the
+    graph and with the adapter switched off (lesson 07's base model)."""
+    from glmlora.evaluation import adapter_off
+
+    model, tok = _lora_model(tiny_original)
     enc = _prompts(tok, ["你好 random words", "another question here"])
     runs = {}
     for adapter in (True, False):
@@ -181,21 +187,10 @@ class _FakeGraph:
 def test_the_graph_is_captured_once_and_again_when_the_model_changes(tiny_original, monkeypatch):
     """The graph logic of the CUDA path, on the CPU: warm-up calls, one capture reused over replies, a new capture
     after the adapter is switched off or on (a graph reads stale state otherwise), none in training mode."""
-    from peft import get_peft_model
-
     from glmlora import decode_step
-    from glmlora.chatglm3 import ensure_native, load_model
     from glmlora.evaluation import adapter_off
-    from glmlora.lora import lora_config
-    from glmlora.tokenizer import load_tokenizer
 
-    native = ensure_native(tiny_original)
-    tok = load_tokenizer(native)
-    model = get_peft_model(load_model(native, dtype=torch.float32), lora_config()).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    model, tok = _lora_model(tiny_original)
 
     def capture(step):
         graph = _FakeGraph(step)
